@@ -1,0 +1,3 @@
+"""PixelDiT: pixel-space diffusion transformer in JAX / Flax NNX."""
+
+__version__ = "0.1.0"
