@@ -1,0 +1,302 @@
+"""Reference (PyTorch) weights <-> this project's models.
+
+The key map is one rule set, :func:`reference_entries`, that walks the model's ``nnx.Param``
+tree and names the reference ``state_dict`` entry of each parameter:
+
+====================================  ==========================================================
+this project (nnx path)               reference key / layout change
+====================================  ==========================================================
+``.../kernel``                        ``.../weight``, transposed (Flax ``(in, out)``; torch ``(out, in)``)
+``.../bias``, RMSNorm ``.../weight``  same name, same layout
+``mlp.layers.0``, ``adaLN_modulation.layers.0``  ``mlp.0``, ``adaLN_modulation.0`` (``nn.Sequential`` index)
+``y_embedder.embedding_table.embedding``         ``y_embedder.embedding_table.weight``
+``patch_blocks.<param>[i]`` (stacked)            ``patch_blocks.<i>.<param>`` (one key per block)
+``s_embedder.proj.kernel``            input features permuted: pixel-major ``(i*p+j)*C + c`` here,
+                                      channel-major ``c*p*p + i*p + j`` in the reference (``F.unfold``)
+====================================  ==========================================================
+
+Every reference key must be consumed and every parameter filled: anything missing, unexpected
+or wrongly shaped raises :class:`ConversionError` listing the offending keys.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixeldit.model import C2IConfig, T2IConfig, build_model
+
+# Reference constructor arguments that do not change the network's function or weights.
+IGNORED_REFERENCE_KWARGS = {
+    "t2i": {"num_text_blocks", "repa_encoder_index"},  # unused text blocks; REPA feature tap
+    "c2i": set(),
+}
+CONFIG_CLASSES = {"c2i": C2IConfig, "t2i": T2IConfig}
+# state_dict prefixes that are not model weights (REPA projectors, trainer state)
+NON_MODEL_PREFIXES = ("diffusion_trainer.", "_repa_projector.", "repa_projector.")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "core.")  # torch.compile, DDP, the t2i pickle
+
+
+class ConversionError(ValueError):
+    """A reference state dict does not match the model: lists missing, unexpected and misshaped keys."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The key map
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_name(path: tuple) -> tuple[str, bool]:
+    """nnx path -> (reference dotted name, is a transposed linear kernel)."""
+    parts: list[str] = []
+    transpose = False
+    for i, k in enumerate(path):
+        if k == "layers" and i + 1 < len(path) and isinstance(path[i + 1], int):
+            continue  # nnx.Sequential's list attribute: the reference indexes the Sequential directly
+        if k == "kernel" and i == len(path) - 1:
+            parts.append("weight")
+            transpose = True
+        elif k == "embedding" and i == len(path) - 1:
+            parts.append("weight")
+        else:
+            parts.append(str(k))
+    return ".".join(parts), transpose
+
+
+def _patch_perm(config) -> np.ndarray:
+    """Index map: our pixel-major feature ``(i*p+j)*C + c`` -> the reference's channel-major ``c*p*p + i*p + j``."""
+    p2, c = config.patch_size**2, config.in_channels
+    ours = np.arange(p2 * c).reshape(p2, c)  # our feature index of (pixel, channel)
+    perm = np.empty(p2 * c, dtype=np.int64)
+    for q in range(p2):
+        for ch in range(c):
+            perm[ours[q, ch]] = ch * p2 + q
+    return perm
+
+
+def reference_entries(model) -> Iterator[tuple[str, tuple, int | None, bool]]:
+    """Yield ``(reference_key, nnx_path, block_index_or_None, transposed)`` for every parameter."""
+    stacked_roots = {"patch_blocks": model.config.patch_depth, "pixel_blocks": model.config.pixel_depth}
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transpose = _reference_name(path)
+        root = path[0]
+        if root in stacked_roots:
+            rest = name[len(root) + 1 :]
+            for i in range(stacked_roots[root]):
+                yield f"{root}.{i}.{rest}", path, i, transpose
+        else:
+            yield name, path, None, transpose
+
+
+def _to_reference_layout(value: np.ndarray, transpose: bool, key: str, model) -> np.ndarray:
+    if transpose:
+        value = np.swapaxes(value, -1, -2)
+    if key == "s_embedder.proj.weight":
+        inv = np.argsort(_patch_perm(model.config))
+        value = value[:, inv]
+    return value
+
+
+def _from_reference_layout(value: np.ndarray, transpose: bool, key: str, model) -> np.ndarray:
+    if key == "s_embedder.proj.weight":
+        value = value[:, _patch_perm(model.config)]
+    if transpose:
+        value = np.swapaxes(value, -1, -2)
+    return value
+
+
+def to_reference_state_dict(model) -> dict[str, np.ndarray]:
+    """Export the model's weights as a reference-named float32 ``state_dict`` (numpy arrays)."""
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = {}
+    for key, path, idx, transpose in reference_entries(model):
+        value = np.asarray(params[path][...], dtype=np.float32)
+        if idx is not None:
+            value = value[idx]
+        out[key] = np.ascontiguousarray(_to_reference_layout(value, transpose, key, model))
+    return out
+
+
+def load_reference_state_dict(model, state_dict: Mapping[str, Any]) -> None:
+    """Fill ``model``'s parameters in place from a reference-named ``state_dict``.
+
+    Raises :class:`ConversionError` naming every missing, unexpected or misshaped key;
+    nothing is loaded unless everything matches.
+    """
+    sd = {k: _as_numpy(v) for k, v in state_dict.items()}
+    entries = list(reference_entries(model))
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    expected = {}
+    for key, path, idx, transpose in entries:
+        shape = tuple(params[path].shape[1:] if idx is not None else params[path].shape)
+        if transpose:
+            shape = shape[:-2] + shape[:-3:-1]
+        expected[key] = shape
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = sorted(
+        f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
+        for k in set(expected) & set(sd)
+        if tuple(sd[k].shape) != expected[k]
+    )
+    if missing or unexpected or misshaped:
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                lines.append(f"{title} ({len(items)}): " + ", ".join(items))
+        raise ConversionError("reference state dict does not match the model:\n  " + "\n  ".join(lines))
+    new = {path: np.array(params[path][...], dtype=np.float32) for path in params}
+    for key, path, idx, transpose in entries:
+        value = _from_reference_layout(sd[key].astype(np.float32), transpose, key, model)
+        if idx is None:
+            new[path] = value
+        else:
+            new[path][idx] = value
+    for path, variable in params.items():
+        variable.set_value(jnp.asarray(new[path], dtype=variable.get_value().dtype))
+
+
+def _as_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        v = v.numpy()
+    return np.asarray(v, dtype=np.float32) if np.asarray(v).dtype != np.float32 else np.asarray(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building models from reference arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_reference(kind: str, reference_kwargs: Mapping[str, Any], **options):
+    """The config equivalent to ``PixDiT(**kwargs)`` (``kind="c2i"``) or ``PixDiT_T2I(**kwargs)`` (``"t2i"``).
+
+    ``options`` sets this project's own fields (``dtype``, ``param_dtype``, ``remat``).
+    """
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"kind must be 'c2i' or 't2i', got {kind!r}")
+    cls = CONFIG_CLASSES[kind]
+    kwargs = {k: v for k, v in reference_kwargs.items() if k not in IGNORED_REFERENCE_KWARGS[kind]}
+    allowed = {f for f in cls.__dataclass_fields__} - {"dtype", "param_dtype", "remat"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"unknown reference {kind} constructor arguments: {unknown}; known: {sorted(allowed)}")
+    return cls(**kwargs, **options)
+
+
+def from_reference(kind: str, reference_kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], **options):
+    """Build the model equivalent to the reference's and load its ``state_dict``.
+
+    ``kind``: ``"c2i"`` (``PixDiT``) or ``"t2i"`` (``PixDiT_T2I``); ``reference_kwargs``: the
+    reference constructor's keyword arguments; ``state_dict``: reference key -> array (numpy or
+    torch).  The result is called ``model(x, t, y)`` with channel-last ``x`` ``(B, H, W, C)``,
+    ``t`` ``(B,)`` and ``y`` labels ``(B,)`` (c2i) or text embeddings ``(B, L, txt_dim)`` (t2i).
+    """
+    config = config_from_reference(kind, reference_kwargs, **options)
+    model = build_model(config, rngs=nnx.Rngs(0))
+    load_reference_state_dict(model, state_dict)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch():
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading pickled PyTorch checkpoints (.ckpt / .pth / .pt) needs torch: "
+            "pip install 'pixeldit[torch]' (CPU build: pip install torch==2.13.0), "
+            "or convert the file to .safetensors"
+        ) from e
+    return torch
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def extract_model_state_dict(raw: Mapping[str, Any], *, ema: bool = True) -> dict[str, Any]:
+    """The model weights out of a checkpoint's state dict.
+
+    Lightning checkpoints carry ``denoiser.`` (raw) and ``ema_denoiser.`` (EMA, the evaluated
+    weights) prefixes: ``ema`` picks which.  ``_orig_mod.``, ``module.`` and ``core.`` wrappers are
+    stripped; REPA projector / trainer keys are dropped.
+    """
+    if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+        raw = raw["state_dict"]
+    keys = [_strip_wrappers(k) for k in raw]
+    has_ema = any(k.startswith("ema_denoiser.") for k in keys)
+    has_raw = any(k.startswith("denoiser.") for k in keys)
+    if ema and not has_ema and has_raw:
+        raise ConversionError("ema=True but the checkpoint has no 'ema_denoiser.' weights; pass ema=False")
+    want = "ema_denoiser." if (ema and has_ema) else ("denoiser." if has_raw else "")
+    out = {}
+    for k, v in raw.items():
+        k = _strip_wrappers(k)
+        if k.startswith(NON_MODEL_PREFIXES):
+            continue
+        if want:
+            if not k.startswith(want):
+                continue
+            k = _strip_wrappers(k[len(want) :])
+        elif k.startswith(("ema_denoiser.", "denoiser.")):
+            continue
+        out[k] = v
+    if not out:
+        raise ConversionError("no model weights found in the checkpoint")
+    return out
+
+
+def read_checkpoint_file(path: str | os.PathLike, *, ema: bool = True) -> dict[str, np.ndarray]:
+    """Read reference weights from ``.safetensors``, a Lightning ``.ckpt`` or a ``.pth``/``.pt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # noqa: PLC0415
+
+        raw = {}
+        with safe_open(str(path), framework="flax") as f:
+            for k in f.keys():
+                raw[k] = np.asarray(jnp.asarray(f.get_tensor(k), dtype=jnp.float32))
+    elif path.suffix in (".ckpt", ".pth", ".pt", ".bin"):
+        torch = _torch()
+        raw = torch.load(str(path), map_location="cpu", weights_only=False)
+    else:
+        raise ValueError(f"unsupported checkpoint type {path.suffix!r} ({path}); expected .safetensors, .ckpt, .pth or .pt")
+    sd = extract_model_state_dict(raw, ema=ema)
+    return {k: _as_numpy(v) for k, v in sd.items()}
+
+
+def from_reference_file(kind: str, reference_kwargs: Mapping[str, Any], path, *, ema: bool = True, **options):
+    """:func:`from_reference` on the weights of a checkpoint file (see :func:`read_checkpoint_file`)."""
+    return from_reference(kind, reference_kwargs, read_checkpoint_file(path, ema=ema), **options)
+
+
+def save_reference_safetensors(model, path: str | os.PathLike) -> Path:
+    """Write the model's weights, reference-named, to a ``.safetensors`` file (written atomically)."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(to_reference_state_dict(model), str(tmp))
+    os.replace(tmp, path)
+    return path

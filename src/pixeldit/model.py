@@ -1,0 +1,526 @@
+"""PixelDiT models: configurations, named presets and the three conditional variants.
+
+* :class:`PixelDiT` -- class-conditional (reference ``PixDiT``, ``pixeldit_c2i.py``),
+* :class:`PixelDiTT2I` -- token-conditional (reference ``PixDiT_T2I``, ``pixeldit_t2i.py``),
+* :class:`PixelDiTTheta` -- conditioned on a parameter vector ``theta`` (field emulators).
+
+Each is built from one frozen config dataclass whose field names are the reference
+constructor's keyword arguments, so ``C2IConfig(**reference_kwargs)`` is the reference model.
+The model returns the velocity ``v(x_t, t, y)`` in the reference class-to-image time convention
+(t = 0 noise, t = 1 data); it knows nothing of losses or samplers.
+
+Two levels (top-level forward):
+  patch level: ``x`` -> ``p x p`` patch tokens ``(B, L, D)`` -> adaLN DiT / MMDiT blocks
+  pixel level: ``x`` -> pixel tokens ``(B, L, p*p, D_pix)`` -> PiT blocks conditioned per pixel on
+  the patch tokens -> ``FinalLayer`` -> ``(B, H, W, C)``.
+
+Blocks of each level are stacked on a leading depth axis (``nnx.vmap`` at construction) and
+run with ``jax.lax.scan``, so compile time does not grow with depth; ``remat=True`` wraps each
+block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps per-block modules
+(``patch_blocks.0``, ``patch_blocks.1``...); :mod:`pixeldit.convert` stacks / unstacks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixeldit.blocks import DiTBlock, MMDiTBlock, PiTBlock
+from pixeldit.embedders import (
+    THETA_TOKEN_EMBEDDINGS,
+    ClassEmbedder,
+    PatchTokenEmbedder,
+    PixelTokenEmbedder,
+    ThetaEmbedder,
+    unpatchify,
+    patchify,
+)
+from pixeldit.modules import FinalLayer, TimestepConditioner
+from pixeldit.rope import ROPE_THETA, rope_1d_angles, rope_2d_angles
+
+DTYPES = ("float32", "bfloat16", "float16")
+MLP_RATIO = 4.0  # the reference hard-codes mlp_ratio=4 for every block
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Fields shared by every PixelDiT; defaults are the reference constructor's."""
+
+    kind: ClassVar[str] = ""
+
+    in_channels: int = 3  # image channels (out_channels is the same)
+    num_groups: int = 16  # attention heads of the patch-level blocks
+    hidden_size: int = 1152  # patch-token width D
+    pixel_hidden_size: int = 64  # pixel-token width D_pix (the paper's presets use 16)
+    patch_depth: int = 26  # number of patch-level blocks
+    pixel_depth: int = 2  # number of PiT blocks (> 0: the pixel pathway is the model's output)
+    patch_size: int = 16  # p: patch side; image sides must be multiples of it
+    use_pixel_abs_pos: bool = True  # add the 2D sincos table to pixel tokens
+    pit_adaln_post_modulation: bool = False  # PiT: 4-chunk post-modulation instead of 6-chunk gated
+    # -- this project's options (not reference constructor arguments) --
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"  # parameter dtype (keep float32 master weights for training)
+    remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+
+    def __post_init__(self):
+        for name in ("in_channels", "num_groups", "hidden_size", "pixel_hidden_size", "patch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_depth < 1:
+            raise ValueError(f"patch_depth must be >= 1, got {self.patch_depth}")
+        if self.pixel_depth < 1:
+            raise ValueError(f"pixel_depth must be >= 1 (the pixel pathway produces the output), got {self.pixel_depth}")
+        _check_heads("hidden_size", self.hidden_size, "num_groups", self.num_groups)
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    def replace(self, **changes) -> "_Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    @property
+    def pixel_attn_width(self) -> int:
+        return self.hidden_size
+
+    @property
+    def pixel_heads(self) -> int:
+        return self.num_groups
+
+
+def _check_heads(width_name: str, width: int, heads_name: str, heads: int) -> None:
+    if width % heads:
+        raise ValueError(f"{width_name}={width} must be divisible by {heads_name}={heads}")
+    if (width // heads) % 4:
+        raise ValueError(
+            f"head_dim = {width_name} / {heads_name} = {width // heads} must be a multiple of 4 for 2D RoPE"
+        )
+
+
+@dataclass(frozen=True)
+class C2IConfig(_Config):
+    """Class-conditional PixelDiT (reference ``PixDiT``)."""
+
+    kind: ClassVar[str] = "c2i"
+
+    in_channels: int = 4
+    num_groups: int = 12
+    hidden_size: int = 1152
+    pixel_hidden_size: int = 64
+    patch_depth: int = 18
+    pixel_depth: int = 4
+    patch_size: int = 2
+    num_classes: int = 1000  # the label table has num_classes + 1 rows; the last is the null class
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class T2IConfig(_Config):
+    """Text (token) conditional PixelDiT (reference ``PixDiT_T2I``)."""
+
+    kind: ClassVar[str] = "t2i"
+
+    in_channels: int = 3
+    num_groups: int = 16
+    hidden_size: int = 1152
+    pixel_hidden_size: int = 64
+    patch_depth: int = 26
+    pixel_depth: int = 2
+    patch_size: int = 16
+    pixel_attn_hidden_size: int | None = None  # PiT attention width (None: hidden_size)
+    pixel_num_groups: int | None = None  # PiT attention heads (None: num_groups)
+    txt_embed_dim: int = 4096  # width of the incoming text-encoder tokens
+    txt_max_length: int = 1024  # longer token sequences are truncated (as in the reference)
+    use_text_rope: bool = True  # 1D RoPE on text tokens in the joint attention
+    text_rope_theta: float = ROPE_THETA
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_heads("pixel_attn_hidden_size", self.pixel_attn_width, "pixel_num_groups", self.pixel_heads)
+        if self.txt_embed_dim < 1 or self.txt_max_length < 1:
+            raise ValueError(
+                f"txt_embed_dim and txt_max_length must be >= 1, got {self.txt_embed_dim}, {self.txt_max_length}"
+            )
+
+    @property
+    def pixel_attn_width(self) -> int:
+        return self.pixel_attn_hidden_size or self.hidden_size
+
+    @property
+    def pixel_heads(self) -> int:
+        return self.pixel_num_groups or self.num_groups
+
+
+@dataclass(frozen=True)
+class ThetaConfig(T2IConfig):
+    """PixelDiT conditioned on a parameter vector ``theta`` of ``theta_dim`` components.
+
+    The token-conditional architecture with theta as ``K = theta_dim`` tokens: input
+    ``(B, K)`` (scalar components) or ``(B, K, theta_channels)``.  Token identity comes from
+    ``token_embedding`` ("learned", "sincos" or "none"); text RoPE is off by default because
+    theta's components are unordered.  ``txt_embed_dim``/``txt_max_length`` are derived.
+    """
+
+    kind: ClassVar[str] = "theta"
+
+    in_channels: int = 1
+    num_groups: int = 4
+    hidden_size: int = 256
+    pixel_hidden_size: int = 16
+    patch_depth: int = 6
+    pixel_depth: int = 2
+    patch_size: int = 4
+    theta_dim: int = 2
+    theta_channels: int = 1
+    token_embedding: str = "learned"
+    use_text_rope: bool = False
+    txt_embed_dim: int = -1  # derived: theta_channels
+    txt_max_length: int = -1  # derived: theta_dim
+
+    def __post_init__(self):
+        if self.theta_dim < 1 or self.theta_channels < 1:
+            raise ValueError(f"theta_dim and theta_channels must be >= 1, got {self.theta_dim}, {self.theta_channels}")
+        if self.token_embedding not in THETA_TOKEN_EMBEDDINGS:
+            raise ValueError(f"token_embedding must be one of {THETA_TOKEN_EMBEDDINGS}, got {self.token_embedding!r}")
+        object.__setattr__(self, "txt_embed_dim", self.theta_channels)
+        object.__setattr__(self, "txt_max_length", self.theta_dim)
+        super().__post_init__()
+
+
+CONFIG_KINDS: dict[str, type[_Config]] = {"c2i": C2IConfig, "t2i": T2IConfig, "theta": ThetaConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> _Config:
+    """Rebuild a config from :meth:`to_dict` output (``kind`` selects the class)."""
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"config kind must be one of {sorted(CONFIG_KINDS)}, got {kind!r}")
+    cls = CONFIG_KINDS[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    if cls is ThetaConfig:
+        d.pop("txt_embed_dim", None)
+        d.pop("txt_max_length", None)
+    return cls(**d)
+
+
+# Named presets from the paper (class-to-image Table: B/L/XL with patch 16 and pixel width 16;
+# the 1.3B text-to-image model).  Parameter counts match the reference models exactly.
+PRESETS: dict[str, Callable[[], _Config]] = {
+    "B/16": lambda: C2IConfig(in_channels=3, hidden_size=768, num_groups=12, patch_depth=12, pixel_depth=2,
+                              pixel_hidden_size=16, patch_size=16, num_classes=1000),
+    "L/16": lambda: C2IConfig(in_channels=3, hidden_size=1024, num_groups=16, patch_depth=22, pixel_depth=4,
+                              pixel_hidden_size=16, patch_size=16, num_classes=1000),
+    "XL/16": lambda: C2IConfig(in_channels=3, hidden_size=1152, num_groups=16, patch_depth=26, pixel_depth=4,
+                               pixel_hidden_size=16, patch_size=16, num_classes=1000),
+    "T2I-1.3B": lambda: T2IConfig(in_channels=3, hidden_size=1536, num_groups=24, patch_depth=14, pixel_depth=2,
+                                  pixel_hidden_size=16, pixel_attn_hidden_size=1152, pixel_num_groups=16,
+                                  txt_embed_dim=2304, txt_max_length=300, patch_size=16),
+}
+
+
+def preset(name: str, **overrides) -> _Config:
+    """A named preset (``"B/16"``, ``"L/16"``, ``"XL/16"``, ``"T2I-1.3B"``), optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]().replace(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``depth`` independently initialised blocks whose parameters share a leading depth axis."""
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return make(r)
+
+    return create(rngs)
+
+
+def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool = False):
+    """Run stacked ``blocks`` in sequence: ``carry = step(block_i, carry)`` via ``jax.lax.scan``."""
+    graphdef, state = nnx.split(blocks)
+
+    def body(c, block_state):
+        return step(nnx.merge(graphdef, block_state), c), None
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    carry, _ = jax.lax.scan(body, carry, state)
+    return carry
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class _PixelDiTBase(nnx.Module):
+    """The shared pixel-level pathway and input checks."""
+
+    config: _Config
+
+    def _init_pixel_pathway(self, cfg: _Config, rngs: nnx.Rngs, kw: dict) -> None:
+        self.pixel_embedder = PixelTokenEmbedder(
+            cfg.in_channels, cfg.pixel_hidden_size, use_pixel_abs_pos=cfg.use_pixel_abs_pos, rngs=rngs, **kw
+        )
+        self.pixel_blocks = _stacked(
+            lambda r: PiTBlock(
+                cfg.pixel_hidden_size,
+                cfg.hidden_size,
+                cfg.patch_size,
+                cfg.pixel_heads,
+                MLP_RATIO,
+                cfg.pixel_attn_width,
+                adaln_post_modulation=cfg.pit_adaln_post_modulation,
+                zero_init_adaln=self._zero_init_adaln,
+                rngs=r,
+                **kw,
+            ),
+            cfg.pixel_depth,
+            rngs,
+        )
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, cfg.in_channels, rngs=rngs, **kw)
+
+    def _pixel_level(self, x: jax.Array, s: jax.Array) -> jax.Array:
+        """Pixel pathway: image ``x`` ``(B, H, W, C)`` and patch condition ``s`` ``(B, L, D)`` -> velocity."""
+        cfg = self.config
+        _, h, w, _ = x.shape
+        p = cfg.patch_size
+        rope = rope_2d_angles(cfg.pixel_attn_width // cfg.pixel_heads, h // p, w // p)
+        pix = self.pixel_embedder(x, p)  # (B, L, p*p, D_pix)
+        pix = scan_blocks(self.pixel_blocks, pix, lambda blk, z: blk(z, s, rope), remat=cfg.remat)
+        out = self.final_layer(pix)  # (B, L, p*p, C)
+        return unpatchify(out, h, w, p).astype(jnp.float32)  # (B, H, W, C)
+
+    def _check_xt(self, x, t) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"x must be (B, H, W, C) channel-last, got shape {getattr(x, 'shape', type(x))}")
+        b, h, w, c = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(
+                f"x has {c} channels (last axis of shape {x.shape}); this model expects in_channels={cfg.in_channels}"
+                " (inputs are channel-last (B, H, W, C))"
+            )
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(f"image sides (H, W) = ({h}, {w}) must be multiples of patch_size={cfg.patch_size}")
+        t = jnp.asarray(t)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, (b,))
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got {t.shape}")
+        return x.astype(jnp.dtype(cfg.dtype)), t.astype(jnp.float32)
+
+    def _dtypes(self, cfg: _Config) -> dict:
+        return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class PixelDiT(_PixelDiTBase):
+    """Class-conditional PixelDiT (reference ``PixDiT``): ``model(x, t, y) -> v``.
+
+    ``x`` ``(B, H, W, C)``, ``t`` ``(B,)`` in [0, 1] (0 noise, 1 data), ``y`` int labels ``(B,)``
+    in ``[0, num_classes]`` where ``num_classes`` is the null class.  Returns ``(B, H, W, C)`` float32.
+    """
+
+    _zero_init_adaln = True  # reference initialize_weights zeroes every adaLN projection
+
+    def __init__(self, config: C2IConfig, *, rngs: nnx.Rngs):
+        self.config = cfg = config
+        kw = self._dtypes(cfg)
+        self.s_embedder = PatchTokenEmbedder(cfg.in_channels * cfg.patch_size**2, cfg.hidden_size, rngs=rngs, **kw)
+        self.t_embedder = TimestepConditioner(cfg.hidden_size, rngs=rngs, **kw)
+        self.y_embedder = ClassEmbedder(cfg.num_classes + 1, cfg.hidden_size, rngs=rngs, **kw)
+        self.patch_blocks = _stacked(
+            lambda r: DiTBlock(cfg.hidden_size, cfg.num_groups, MLP_RATIO, zero_init_adaln=True, rngs=r, **kw),
+            cfg.patch_depth,
+            rngs,
+        )
+        self._init_pixel_pathway(cfg, rngs, kw)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def null_condition(self, y: jax.Array) -> jax.Array:
+        """The null condition for classifier-free guidance, shaped like ``y``: the null class index."""
+        return jnp.full_like(jnp.asarray(y), self.config.num_classes)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if mask is not None:
+            raise ValueError("the class-conditional model takes no mask (mask is for padded text tokens)")
+        x, t = self._check_xt(x, t)
+        b, h, w, _ = x.shape
+        y = jnp.asarray(y)
+        if y.shape != (b,) or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"y must be integer class labels of shape (B,) = ({b},), got {y.shape} {y.dtype}")
+        p = cfg.patch_size
+        rope = rope_2d_angles(cfg.hidden_size // cfg.num_groups, h // p, w // p)  # (L, hd/2)
+        t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
+        c = jax.nn.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D)
+        patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C), pixel-major
+        s = self.s_embedder(patches)  # (B, L, D)
+        s = scan_blocks(self.patch_blocks, s, lambda blk, z: blk(z, c, rope), remat=cfg.remat)
+        s = jax.nn.silu(t_emb + s)  # (B, L, D) per-patch condition of the pixel level
+        return self._pixel_level(x, s)
+
+
+class PixelDiTT2I(_PixelDiTBase):
+    """Token-conditional PixelDiT (reference ``PixDiT_T2I``): ``model(x, t, y, mask=None) -> v``.
+
+    ``y`` ``(B, L_txt, txt_embed_dim)`` text-encoder tokens (truncated to ``txt_max_length``);
+    ``mask`` ``(B, L_txt)`` optional, 1 for real tokens, 0 for padding: it masks padded text
+    keys in the joint attention only (the reference passes it on to the pixel blocks too, where
+    it cannot apply; its trainer never uses a mask).  Time convention as the c2i model; the
+    released reference checkpoints were trained with ``t_in = sigma * 1000``, see
+    :mod:`pixeldit.sampling` for the adapter.
+    """
+
+    _zero_init_adaln = False  # the reference t2i initialize_weights only zeroes the final layer
+
+    def __init__(self, config: T2IConfig, *, rngs: nnx.Rngs):
+        self.config = cfg = config
+        kw = self._dtypes(cfg)
+        self.s_embedder = PatchTokenEmbedder(cfg.in_channels * cfg.patch_size**2, cfg.hidden_size, rngs=rngs, **kw)
+        self.t_embedder = TimestepConditioner(cfg.hidden_size, rngs=rngs, **kw)
+        self._init_condition_embedder(cfg, rngs, kw)
+        self.patch_blocks = _stacked(
+            lambda r: MMDiTBlock(
+                cfg.hidden_size, cfg.num_groups, MLP_RATIO, zero_init_adaln=self._zero_init_adaln, rngs=r, **kw
+            ),
+            cfg.patch_depth,
+            rngs,
+        )
+        self._init_pixel_pathway(cfg, rngs, kw)
+
+    def _init_condition_embedder(self, cfg: T2IConfig, rngs: nnx.Rngs, kw: dict) -> None:
+        self.y_embedder = PatchTokenEmbedder(cfg.txt_embed_dim, cfg.hidden_size, norm=True, rngs=rngs, **kw)
+        # reference: nn.Parameter(torch.randn(1, txt_max_length, hidden_size))
+        self.y_pos_embedding = nnx.Param(
+            jax.random.normal(rngs.params(), (1, cfg.txt_max_length, cfg.hidden_size), kw["param_dtype"])
+        )
+
+    def _embed_condition(self, y: jax.Array) -> jax.Array:
+        n = y.shape[1]
+        return self.y_embedder(y) + self.y_pos_embedding[:, :n].astype(jnp.dtype(self.config.dtype))
+
+    def _check_condition(self, y: jax.Array, b: int) -> jax.Array:
+        cfg = self.config
+        y = jnp.asarray(y)
+        if y.ndim != 3 or y.shape[0] != b or y.shape[2] != cfg.txt_embed_dim:
+            raise ValueError(
+                f"y must be text tokens of shape (B, L, txt_embed_dim) = ({b}, L, {cfg.txt_embed_dim}), got {y.shape}"
+            )
+        return y[:, : cfg.txt_max_length].astype(jnp.dtype(cfg.dtype))
+
+    def null_condition(self, y: jax.Array) -> jax.Array:
+        """Default null condition: all-zero tokens shaped like ``y`` (pass an encoded empty prompt instead where you have one)."""
+        return jnp.zeros_like(jnp.asarray(y))
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        x, t = self._check_xt(x, t)
+        b, h, w, _ = x.shape
+        y = self._check_condition(y, b)
+        n_txt = y.shape[1]
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] < n_txt:
+                raise ValueError(f"mask must be (B, L_txt) = ({b}, {n_txt}), got {mask.shape}")
+            mask = mask[:, :n_txt].astype(bool)
+        p = cfg.patch_size
+        head_dim = cfg.hidden_size // cfg.num_groups
+        rope = rope_2d_angles(head_dim, h // p, w // p)  # (L, hd/2)
+        rope_txt = rope_1d_angles(head_dim, n_txt, cfg.text_rope_theta) if cfg.use_text_rope else None
+        t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
+        c = jax.nn.silu(t_emb)  # (B, 1, D): the condition tokens enter through joint attention only
+        y_tok = self._embed_condition(y)  # (B, L_txt, D)
+        patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C)
+        s = self.s_embedder(patches)  # (B, L, D)
+        s, _ = scan_blocks(
+            self.patch_blocks,
+            (s, y_tok),
+            lambda blk, carry: blk(carry[0], carry[1], c, rope, rope_txt, mask),
+            remat=cfg.remat,
+        )
+        s = jax.nn.silu(t_emb + s)  # (B, L, D)
+        return self._pixel_level(x, s)
+
+
+class PixelDiTTheta(PixelDiTT2I):
+    """PixelDiT conditioned on a parameter vector: ``model(x, t, theta) -> v``.
+
+    ``theta`` ``(B, K)`` or ``(B, K, theta_channels)``; NaN entries mark the null condition
+    used for classifier-free guidance (see :meth:`null_condition`).  adaLN projections are
+    zero-initialised as in the class-conditional model.
+    """
+
+    _zero_init_adaln = True
+
+    def _init_condition_embedder(self, cfg: ThetaConfig, rngs: nnx.Rngs, kw: dict) -> None:
+        self.y_embedder = ThetaEmbedder(
+            cfg.theta_dim, cfg.theta_channels, cfg.hidden_size, token_embedding=cfg.token_embedding, rngs=rngs, **kw
+        )
+
+    def _embed_condition(self, y: jax.Array) -> jax.Array:
+        return self.y_embedder(y)
+
+    def _check_condition(self, y: jax.Array, b: int) -> jax.Array:
+        cfg = self.config
+        y = jnp.asarray(y)
+        if y.ndim == 2 and cfg.theta_channels == 1:
+            y = y[..., None]
+        if y.shape != (b, cfg.theta_dim, cfg.theta_channels):
+            raise ValueError(
+                f"theta must have shape (B, K) or (B, K, C) = ({b}, {cfg.theta_dim}, {cfg.theta_channels}), got {y.shape}"
+            )
+        return y.astype(jnp.dtype(cfg.dtype))
+
+    def null_condition(self, y: jax.Array) -> jax.Array:
+        """The null condition: NaN-filled, shaped like ``theta``; mapped to a learned null token."""
+        return jnp.full(jnp.shape(y), jnp.nan, dtype=jnp.float32)
+
+
+MODEL_CLASSES = {"c2i": PixelDiT, "t2i": PixelDiTT2I, "theta": PixelDiTTheta}
+
+
+def build_model(config: _Config, *, rngs: nnx.Rngs) -> _PixelDiTBase:
+    """Construct the model class that matches ``config.kind``."""
+    return MODEL_CLASSES[config.kind](config, rngs=rngs)
+
+
+def abstract_model(config: _Config) -> _PixelDiTBase:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes without allocating memory."""
+    return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model_or_config) -> int:
+    """Number of trainable parameters (``nnx.Param`` leaves); a config is counted without allocating."""
+    model = abstract_model(model_or_config) if isinstance(model_or_config, _Config) else model_or_config
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
