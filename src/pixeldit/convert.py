@@ -81,8 +81,13 @@ def _patch_perm(config) -> np.ndarray:
 
 
 def reference_entries(model) -> Iterator[tuple[str, tuple, int | None, bool]]:
-    """Yield ``(reference_key, nnx_path, block_index_or_None, transposed)`` for every parameter."""
-    stacked_roots = {"patch_blocks": model.config.patch_depth, "pixel_blocks": model.config.pixel_depth}
+    """Yield ``(reference_key, nnx_path, block_index_or_None, transposed)`` for every parameter.
+
+    Works for whole models and for single submodules (a block, an attention layer...): only a
+    model (an object with a ``config``) has stacked ``patch_blocks`` / ``pixel_blocks``.
+    """
+    config = getattr(model, "config", None)
+    stacked_roots = {} if config is None else {"patch_blocks": config.patch_depth, "pixel_blocks": config.pixel_depth}
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, transpose = _reference_name(path)
         root = path[0]
@@ -97,14 +102,14 @@ def reference_entries(model) -> Iterator[tuple[str, tuple, int | None, bool]]:
 def _to_reference_layout(value: np.ndarray, transpose: bool, key: str, model) -> np.ndarray:
     if transpose:
         value = np.swapaxes(value, -1, -2)
-    if key == "s_embedder.proj.weight":
+    if key == "s_embedder.proj.weight" and hasattr(model, "config"):
         inv = np.argsort(_patch_perm(model.config))
         value = value[:, inv]
     return value
 
 
 def _from_reference_layout(value: np.ndarray, transpose: bool, key: str, model) -> np.ndarray:
-    if key == "s_embedder.proj.weight":
+    if key == "s_embedder.proj.weight" and hasattr(model, "config"):
         value = value[:, _patch_perm(model.config)]
     if transpose:
         value = np.swapaxes(value, -1, -2)
@@ -124,7 +129,7 @@ def to_reference_state_dict(model) -> dict[str, np.ndarray]:
 
 
 def load_reference_state_dict(model, state_dict: Mapping[str, Any]) -> None:
-    """Fill ``model``'s parameters in place from a reference-named ``state_dict``.
+    """Fill the parameters of ``model`` (a whole model or one submodule) in place from a reference-named ``state_dict``.
 
     Raises :class:`ConversionError` naming every missing, unexpected or misshaped key;
     nothing is loaded unless everything matches.

@@ -160,12 +160,13 @@ class ThetaEmbedder(nnx.Module):
         self.norm = RMSNorm(hidden_size, dtype=dtype, param_dtype=param_dtype)
         init = nnx.initializers.normal(stddev=0.02)
         self.null_token = nnx.Param(init(rngs.params(), (hidden_size,), param_dtype))
-        self.pos_embedding = None
         if token_embedding == "learned":
             self.pos_embedding = nnx.Param(init(rngs.params(), (1, num_tokens, hidden_size), param_dtype))
         elif token_embedding == "sincos":
             table = _get_1d_sincos_pos_embed_from_grid(hidden_size, np.arange(num_tokens, dtype=np.float64))
             self.pos_embedding = Buffer(jnp.asarray(table[None], dtype=jnp.float32))
+        else:
+            self.pos_embedding = None
 
     def __call__(self, theta: jax.Array) -> jax.Array:
         if theta.ndim == 2:
