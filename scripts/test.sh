@@ -6,7 +6,9 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   python3 -m venv .venv
   . .venv/bin/activate
 fi
-python -m pip install --quiet -e ".[test]"
+# torch (CPU build, pinned so pip takes the local CPU wheel rather than a CUDA build) lets the
+# pickled-checkpoint tests run; it is an optional extra of the package itself.
+python -m pip install --quiet "torch==2.13.0" -e ".[test,torch]"
 export JAX_PLATFORMS=cpu
 set +e
 python -m pytest -n 2 --dist loadfile "$@"
