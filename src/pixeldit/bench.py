@@ -1,0 +1,188 @@
+"""Benchmarks: forward pass, full train step, one sampler step, compile time, FLOP rate.
+
+Every timing is the median over ``repeats`` runs after warm-up, with ``block_until_ready``.
+FLOPs come from XLA's cost analysis of the compiled function; the achieved rate is compared
+with the plain matrix-multiply rate of the same backend measured in the same run (float32 on
+CPU, bfloat16 on GPU/TPU), so each number is also a fraction of that ceiling.
+
+Named presets (``PRESETS``):
+
+* ``s8-64``: class-conditional, 64x64 RGB, batch 16, patch 8, hidden 384, 6 heads, 12 patch
+  blocks, 2 pixel blocks, pixel width 16, 10 classes, float32: the reference constructor
+  ``PixDiT(in_channels=3, patch_size=8, num_groups=6, hidden_size=384, patch_depth=12,
+  pixel_depth=2, num_classes=10, pixel_hidden_size=16)``.
+* ``xl16-256``: the paper's class-to-image XL/16 at 256x256 (797M parameters), bfloat16 compute.
+* ``tiny``: a seconds-long smoke configuration.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixeldit.model import C2IConfig, preset
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    model: C2IConfig
+    image_size: tuple[int, int]
+    batch_size: int
+    description: str
+
+
+PRESETS: dict[str, Callable[[], BenchPreset]] = {
+    "s8-64": lambda: BenchPreset(
+        C2IConfig(in_channels=3, patch_size=8, num_groups=6, hidden_size=384, patch_depth=12, pixel_depth=2,
+                  num_classes=10, pixel_hidden_size=16),
+        (64, 64), 16, "c2i 64x64 RGB, patch 8, hidden 384, 12+2 blocks, float32",
+    ),
+    "xl16-256": lambda: BenchPreset(
+        preset("XL/16", dtype="bfloat16"), (256, 256), 32, "c2i XL/16 at 256x256, bfloat16 compute",
+    ),
+    "tiny": lambda: BenchPreset(
+        C2IConfig(in_channels=3, patch_size=4, num_groups=2, hidden_size=32, patch_depth=2, pixel_depth=1,
+                  num_classes=10, pixel_hidden_size=8),
+        (16, 16), 4, "smoke test",
+    ),
+}
+
+
+def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (``fn`` must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def matmul_rate(dtype=None, n: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """Plain ``n x n @ n x n`` matmul rate of the default backend, GFLOP/s (float32 on CPU, bf16 elsewhere)."""
+    backend = jax.default_backend()
+    dtype = dtype or (jnp.float32 if backend == "cpu" else jnp.bfloat16)
+    n = n or (2048 if backend == "cpu" else 8192)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    sec = _time(lambda: f(a, b).block_until_ready(), repeats)
+    return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_gflops_per_s": 2 * n**3 / sec / 1e9}
+
+
+def _peak_memory() -> float | None:
+    stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**30
+
+
+def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
+                  remat: bool | None = None, steps_for_sampling: int = 1) -> dict[str, Any]:
+    """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict."""
+    from pixeldit.train import TrainConfig, create_train_state, make_train_step, prepare_batch  # noqa: PLC0415
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(PRESETS)}")
+    bp = PRESETS[name]()
+    cfg = bp.model if remat is None else bp.model.replace(remat=remat)
+    b = batch_size or bp.batch_size
+    h, w = bp.image_size
+    result: dict[str, Any] = {
+        "preset": name, "description": bp.description, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+        "batch_size": b, "image_size": [h, w], "dtype": cfg.dtype, "remat": cfg.remat,
+        "jax_version": jax.__version__,
+    }
+    result.update(matmul_rate())
+    ceiling = result["matmul_gflops_per_s"]
+
+    tc = TrainConfig(batch_size=b, steps=10, warmup_steps=1, compute_dtype=cfg.dtype)
+    state = create_train_state(cfg, tc)
+    result["num_params"] = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, cfg.in_channels)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, cfg.num_classes, size=b), jnp.int32)
+    t = jnp.asarray(rng.uniform(size=b), jnp.float32)
+
+    # -- forward ---------------------------------------------------------------------------
+    graphdef = state.graphdef
+
+    def forward(params, model_state, x, t, y):
+        model = nnx.merge(graphdef, params, model_state)
+        return model(x, t, y)
+
+    fwd = jax.jit(forward).lower(state.params, state.model_state, x, t, y).compile()
+    result["gflops_forward"] = (_flops(fwd) or float("nan")) / 1e9
+    sec = _time(lambda: fwd(state.params, state.model_state, x, t, y).block_until_ready(), repeats)
+    result["forward_ms"] = sec * 1e3
+    result["forward_gflops_per_s"] = result["gflops_forward"] / sec
+    result["forward_fraction_of_matmul"] = result["forward_gflops_per_s"] / ceiling
+
+    # -- one CFG Euler step (2B forward + update), as inside the samplers -------------------------
+    def sample_step(params, model_state, x, t, y):
+        model = nnx.merge(graphdef, params, model_state)
+        v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([jnp.full_like(y, cfg.num_classes), y]))
+        u, c = jnp.split(v, 2)
+        return x + 0.05 * (u + 4.0 * (c - u))
+
+    smp = jax.jit(sample_step).lower(state.params, state.model_state, x, t, y).compile()
+    result["sample_step_ms"] = _time(lambda: smp(state.params, state.model_state, x, t, y).block_until_ready(), repeats) * 1e3
+
+    # -- train step (AdamW, loss, EMA), state donated ----------------------------------------------
+    step_fn = make_train_step(graphdef, tc)
+    batch = prepare_batch({"x": np.asarray(x), "y": np.asarray(y)})
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    result["compile_s"] = time.perf_counter() - t0
+    result["gflops_train_step"] = (_flops(compiled) or float("nan")) / 1e9
+    holder = [state]
+
+    def one_step():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    sec = _time(one_step, repeats)
+    result["train_step_ms"] = sec * 1e3
+    result["train_step_gflops_per_s"] = result["gflops_train_step"] / sec
+    result["train_step_fraction_of_matmul"] = result["train_step_gflops_per_s"] / ceiling
+    result["peak_memory_gib"] = _peak_memory()
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """Human-readable summary lines of :func:`run_benchmark` output."""
+    lines = [
+        f"preset {r['preset']} ({r['description']}); backend {r['backend']} [{r['device']}] x{r['num_devices']}; "
+        f"batch {r['batch_size']}; params {r['num_params']:,}",
+        f"matmul ({r['matmul_dtype']}, n={r['matmul_n']}): {r['matmul_gflops_per_s']:.1f} GFLOP/s",
+        f"forward: {r['forward_ms']:.1f} ms, {r['gflops_forward']:.1f} GFLOP, {r['forward_gflops_per_s']:.1f} GFLOP/s "
+        f"({100 * r['forward_fraction_of_matmul']:.0f}% of matmul)",
+        f"train step: {r['train_step_ms']:.1f} ms, {r['gflops_train_step']:.1f} GFLOP, "
+        f"{r['train_step_gflops_per_s']:.1f} GFLOP/s ({100 * r['train_step_fraction_of_matmul']:.0f}% of matmul); "
+        f"compile {r['compile_s']:.1f} s",
+        f"sampler step (CFG, 2B forward): {r['sample_step_ms']:.1f} ms",
+    ]
+    if r.get("peak_memory_gib") is not None:
+        lines.append(f"peak memory: {r['peak_memory_gib']:.2f} GiB")
+    return "\n".join(lines)
