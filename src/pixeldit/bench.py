@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixeldit.model import C2IConfig, preset
+from pixeldit.model import C2IConfig, build_model, preset
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,16 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
+def count_flops(fn: Callable, *args) -> float:
+    """FLOPs of ``fn(*args)`` from XLA's cost analysis of the lowered (uncompiled) HLO.
+
+    XLA counts a ``while`` loop body once, so callers pass a model whose block stacks are
+    fully unrolled (``scan_unroll=True``) to count every block.
+    """
+    cost = jax.jit(fn).lower(*args).cost_analysis()
     if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
 
 
 def matmul_rate(dtype=None, n: int | None = None, repeats: int = 5) -> dict[str, float]:
@@ -100,7 +103,8 @@ def _peak_memory() -> float | None:
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
                   remat: bool | None = None, steps_for_sampling: int = 1) -> dict[str, Any]:
     """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict."""
-    from pixeldit.train import TrainConfig, create_train_state, make_train_step, prepare_batch  # noqa: PLC0415
+    from pixeldit.train import (  # noqa: PLC0415
+        TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch)
 
     if name not in PRESETS:
         raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(PRESETS)}")
@@ -127,13 +131,15 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
 
     # -- forward ---------------------------------------------------------------------------
     graphdef = state.graphdef
+    unrolled_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.replace(scan_unroll=True), rngs=nnx.Rngs(0))))
 
-    def forward(params, model_state, x, t, y):
+    def forward(params, model_state, x, t, y, graphdef=graphdef):
         model = nnx.merge(graphdef, params, model_state)
         return model(x, t, y)
 
     fwd = jax.jit(forward).lower(state.params, state.model_state, x, t, y).compile()
-    result["gflops_forward"] = (_flops(fwd) or float("nan")) / 1e9
+    result["gflops_forward"] = count_flops(
+        lambda *a: forward(*a, graphdef=unrolled_graphdef), state.params, state.model_state, x, t, y) / 1e9
     sec = _time(lambda: fwd(state.params, state.model_state, x, t, y).block_until_ready(), repeats)
     result["forward_ms"] = sec * 1e3
     result["forward_gflops_per_s"] = result["gflops_forward"] / sec
@@ -155,7 +161,8 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     result["compile_s"] = time.perf_counter() - t0
-    result["gflops_train_step"] = (_flops(compiled) or float("nan")) / 1e9
+    unrolled_step = make_train_step_fn(unrolled_graphdef, tc)
+    result["gflops_train_step"] = count_flops(unrolled_step, state.replace(graphdef=unrolled_graphdef), batch) / 1e9
     holder = [state]
 
     def one_step():

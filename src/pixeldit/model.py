@@ -72,6 +72,7 @@ class _Config:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # parameter dtype (keep float32 master weights for training)
     remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+    scan_unroll: int | bool = 1  # lax.scan unroll of the block stacks (True: fully unrolled, exact FLOP counts)
 
     def __post_init__(self):
         for name in ("in_channels", "num_groups", "hidden_size", "pixel_hidden_size", "patch_size"):
@@ -262,7 +263,7 @@ def _stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool = False):
+def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool = False, unroll: int | bool = 1):
     """Run stacked ``blocks`` in sequence: ``carry = step(block_i, carry)`` via ``jax.lax.scan``."""
     graphdef, state = nnx.split(blocks)
 
@@ -271,7 +272,7 @@ def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool = Fals
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    carry, _ = jax.lax.scan(body, carry, state)
+    carry, _ = jax.lax.scan(body, carry, state, unroll=unroll)
     return carry
 
 
@@ -314,7 +315,7 @@ class _PixelDiTBase(nnx.Module):
         p = cfg.patch_size
         rope = rope_2d_angles(cfg.pixel_attn_width // cfg.pixel_heads, h // p, w // p)
         pix = self.pixel_embedder(x, p)  # (B, L, p*p, D_pix)
-        pix = scan_blocks(self.pixel_blocks, pix, lambda blk, z: blk(z, s, rope), remat=cfg.remat)
+        pix = scan_blocks(self.pixel_blocks, pix, lambda blk, z: blk(z, s, rope), remat=cfg.remat, unroll=cfg.scan_unroll)
         out = self.final_layer(pix)  # (B, L, p*p, C)
         return unpatchify(out, h, w, p).astype(jnp.float32)  # (B, H, W, C)
 
@@ -386,7 +387,7 @@ class PixelDiT(_PixelDiTBase):
         c = jax.nn.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D)
         patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C), pixel-major
         s = self.s_embedder(patches)  # (B, L, D)
-        s = scan_blocks(self.patch_blocks, s, lambda blk, z: blk(z, c, rope), remat=cfg.remat)
+        s = scan_blocks(self.patch_blocks, s, lambda blk, z: blk(z, c, rope), remat=cfg.remat, unroll=cfg.scan_unroll)
         s = jax.nn.silu(t_emb + s)  # (B, L, D) per-patch condition of the pixel level
         return self._pixel_level(x, s)
 
@@ -468,6 +469,7 @@ class PixelDiTT2I(_PixelDiTBase):
             (s, y_tok),
             lambda blk, carry: blk(carry[0], carry[1], c, rope, rope_txt, mask),
             remat=cfg.remat,
+            unroll=cfg.scan_unroll,
         )
         s = jax.nn.silu(t_emb + s)  # (B, L, D)
         return self._pixel_level(x, s)
