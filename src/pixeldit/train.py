@@ -10,6 +10,10 @@ Design
 * :func:`make_train_step_fn` builds the pure step ``(state, batch) -> (state,
   metrics)``; :func:`make_train_step` compiles it once with ``jax.jit`` and
   ``donate_argnums=0`` (the old state's buffers are reused).
+* Sharded training (``TrainConfig.mesh``/``fsdp``: data parallel, FSDP,
+  multi-host) jits the same pure step with ``in_shardings``/``out_shardings``
+  on a device mesh; see :mod:`pixeldit.parallel`.  Checkpoints do not depend
+  on the mesh they were written from.
 * Master weights, the EMA and the AdamW moments are float32.  With a bfloat16
   compute dtype the float32 parameters are cast to bfloat16 inside the loss
   (gradients therefore arrive in float32); activations follow the model
@@ -104,7 +108,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 #: TrainConfig fields that may change between a checkpoint and a resumed run
 #: (they do not affect the optimisation trajectory or the state's structure).
 RESUME_FREE_TRAIN_FIELDS = frozenset(
-    {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat"}
+    {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat", "mesh", "fsdp"}
 )
 #: Model config fields that may change on resume (memory/compute trade-offs only).
 RESUME_FREE_MODEL_FIELDS = frozenset({"remat"})
@@ -143,6 +147,13 @@ class TrainConfig:
       compute_dtype: overrides the model config's ``dtype`` ("float32" or
         "bfloat16"); ``None`` keeps the model config's.
       remat: overrides the model config's ``remat``; ``None`` keeps it.
+      mesh: device mesh spec for sharded training, e.g. ``"data"`` (data
+        parallel on every device), ``"data:4"``, ``"fsdp:8"``,
+        ``"data:2,fsdp:2"`` (see :mod:`pixeldit.parallel`); an int ``n`` means
+        ``"data:n"``.  ``None`` (default): the unsharded single-device step.
+      fsdp: shard parameters, EMA and optimiser moments over the mesh (FSDP)
+        instead of replicating them; implied by a mesh with an ``fsdp`` axis.
+        ``mesh`` and ``fsdp`` may change when resuming.
     """
 
     batch_size: int = 32
@@ -166,10 +177,14 @@ class TrainConfig:
     sample_every: int = 0
     compute_dtype: str | None = None
     remat: bool | None = None
+    mesh: str | None = None
+    fsdp: bool = False
 
     def __post_init__(self):
         betas = tuple(float(b) for b in self.betas)
         object.__setattr__(self, "betas", betas)
+        if isinstance(self.mesh, int) and not isinstance(self.mesh, bool):
+            object.__setattr__(self, "mesh", f"data:{self.mesh}")
         errors = []
 
         def need(cond, msg):
@@ -199,6 +214,16 @@ class TrainConfig:
         need(self.compute_dtype is None or self.compute_dtype in COMPUTE_DTYPES,
              f"compute_dtype must be one of {COMPUTE_DTYPES} or None, got {self.compute_dtype!r}")
         need(self.remat is None or isinstance(self.remat, bool), f"remat must be a bool or None, got {self.remat!r}")
+        need(isinstance(self.fsdp, bool), f"fsdp must be a bool, got {self.fsdp!r}")
+        if self.mesh is not None:
+            from pixeldit.parallel import validate_mesh_spec
+
+            try:
+                need(isinstance(self.mesh, str), f"mesh must be a string like 'data:4' or None, got {self.mesh!r}")
+                if isinstance(self.mesh, str):
+                    validate_mesh_spec(self.mesh)
+            except ValueError as e:
+                errors.append(f"mesh: {e}")
         if errors:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
@@ -869,6 +894,15 @@ def train(
       model_fn: optional zero-argument builder used instead of
         ``pixeldit.model.build_model(model_config, rngs=nnx.Rngs(seed))``.
 
+    Sharding: with ``train_config.mesh`` set, the state is created (or
+    restored, from a checkpoint of any layout) directly on that device mesh,
+    data parallel or FSDP (``train_config.fsdp``), and every step runs the
+    sharded, donated step of :func:`pixeldit.parallel.shared_sharded_train_step`
+    on batches split by :func:`pixeldit.parallel.shard_batch`.  Multi-host
+    runs are started by :func:`pixeldit.parallel.initialize_distributed`
+    (environment variables); only process 0 writes ``config.json``, metrics
+    and the progress bar.  Without a mesh the single-device path is unchanged.
+
     Returns:
       Summary dict: ``final_loss`` (loss of the last step run, None if no
       step ran), ``step`` (final step), ``start_step``, ``steps_run``,
@@ -892,33 +926,66 @@ def train(
     cbs = _as_callbacks(callbacks)
     t_start = time.perf_counter()
 
+    # Sharded training (pixeldit.parallel): a no-op unless the environment asks for multi-host.
+    from pixeldit import parallel
+
+    parallel.initialize_distributed()
+    mesh_spec = tc.mesh
+    if mesh_spec is None and jax.process_count() > 1:
+        log.warning("multi-process run without train.mesh: using data parallelism over all %d devices", jax.device_count())
+        mesh_spec = "data"
+    mesh = parallel.make_mesh(mesh_spec) if mesh_spec is not None else None
+    fsdp = parallel.resolve_fsdp(mesh, tc.fsdp) if mesh is not None else False
+    if mesh is not None:
+        parallel.check_batch_size(tc.batch_size, mesh)
+        log.info("mesh %s, %s", dict(mesh.shape), "FSDP" if fsdp else "data parallel")
+    is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
+
     mngr = checkpoint_manager(workdir, keep=tc.keep_checkpoints)
     try:
         latest = mngr.latest_step()
+        shardings = None
         if latest is not None:
             check_compatible(_read_meta(mngr, latest), meta, check_dataset=check_dataset)
             abstract = abstract_train_state(cfg, tc, model_fn=model_fn)
+            if mesh is not None:  # read each device's slice straight into the target layout
+                shardings = parallel.state_shardings(abstract, mesh, fsdp)
+                abstract = parallel.with_shardings(abstract, shardings)
             state = restore_train_state(mngr, latest, abstract)
-            _truncate_metrics(workdir, latest)
+            if is_main:
+                _truncate_metrics(workdir, latest)
             log.info("resumed from %s at step %d", workdir / CHECKPOINT_SUBDIR / str(latest), latest)
+        elif mesh is not None:
+            state = parallel.create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn)
         elif model_fn is not None:
             state = create_train_state(cfg, tc, model=model_fn())
         else:
             state = create_train_state(cfg, tc)
-        _atomic_write_text(workdir / CONFIG_FILE, json.dumps(_json_roundtrip(meta), indent=2) + "\n")
+        if is_main:
+            _atomic_write_text(workdir / CONFIG_FILE, json.dumps(_json_roundtrip(meta), indent=2) + "\n")
 
-        # Commit every leaf to one explicit sharding so that fresh and restored states hit
-        # the same compiled executable (uncommitted vs committed inputs compile separately).
-        state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        if mesh is None:
+            # Commit every leaf to one explicit sharding so that fresh and restored states hit
+            # the same compiled executable (uncommitted vs committed inputs compile separately).
+            state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            train_step, traces = shared_train_step(state.graphdef, tc, compute_dtype)
+            put_batch = prepare_batch
+        else:
+            if shardings is None:
+                shardings = parallel.state_shardings(state, mesh, fsdp)
+            state = jax.device_put(state, shardings)  # no-op: already laid out
+            train_step, traces = parallel.shared_sharded_train_step(state, tc, mesh, fsdp, compute_dtype)
+            put_batch = functools.partial(parallel.shard_batch, mesh=mesh)
         start = int(jax.device_get(state.step))
-        train_step, traces = shared_train_step(state.graphdef, tc, compute_dtype)
         traces_before = traces[0]
 
         losses: list[float] = []
         last = {"loss": None}
         metrics_path = workdir / METRICS_FILE
         log_t, log_step = time.perf_counter(), start
-        pbar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True, desc="train")
+        pbar = tqdm(
+            total=tc.steps, initial=start, unit="step", disable=not (progress and is_main), dynamic_ncols=True, desc="train"
+        )
 
         def last_good() -> str:
             s = mngr.latest_step()
@@ -943,7 +1010,7 @@ def train(
         pending = None  # (step, device metrics) not yet checked: overlaps host work with the device
         try:
             for s in range(start, tc.steps):
-                batch = prepare_batch(dataset.get_batch(s, tc.batch_size))
+                batch = put_batch(dataset.get_batch(s, tc.batch_size))
                 state, metrics = train_step(state, batch)
                 n = s + 1
                 if pending is not None:
@@ -956,7 +1023,7 @@ def train(
                     continue
                 host = finish(*pending)
                 pending = None
-                if do_log:
+                if do_log and is_main:
                     now = time.perf_counter()
                     rec = {
                         "step": n,
