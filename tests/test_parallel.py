@@ -29,10 +29,19 @@ TOL = 1e-5
 TIMEOUT = 600  # generous: compiles are slow on a loaded 2-core machine
 
 
-def _env(**extra):
+def _env(cache=False, **extra):
     drop = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "PIXELDIT_DISTRIBUTED")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(JAX_PLATFORMS="cpu", **extra)
+    import jax
+
+    cache_dir = jax.config.jax_compilation_cache_dir  # the session's persistent cache (conftest.py), if any
+    if cache and cache_dir:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     return env
 
 
@@ -48,7 +57,7 @@ def single(tmp_path_factory):
     out = d / "out.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "single", str(out), str(d / "work")],
-        env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+        env=_env(cache=True), capture_output=True, text=True, timeout=TIMEOUT,
     )
     if proc.returncode != 0 or not out.exists():
         _fail("4-device check script", proc)
