@@ -1,0 +1,233 @@
+"""The ``pixeldit`` command: a thin typer layer over :mod:`pixeldit.runs`.
+
+Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``.  Each parses its arguments,
+calls one library function and prints the result; errors in configs, data or checkpoints are
+printed as one ``error:`` line (exit code 1), Ctrl-C during training exits with 130 after the
+train loop has saved a checkpoint.  More subcommands register on :data:`app`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    name="pixeldit",
+    help="PixelDiT (pixel-space diffusion transformer) in JAX: train, sample, evaluate, convert.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _setup() -> None:
+    """PixelDiT (pixel-space diffusion transformer) in JAX: train, sample, evaluate, convert."""
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's per-open notices about read-only managers
+
+
+SET_HELP = "Override a config value: section.key=value (value read as TOML), e.g. --set train.steps=200. Repeatable."
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """Exceptions reported as a one-line error instead of a traceback."""
+    from pixeldit.convert import ConversionError
+    from pixeldit.data import DataError
+    from pixeldit.runs import ConfigError
+    from pixeldit.train import IncompatibleCheckpointError, NonFiniteLossError
+
+    return (ConfigError, DataError, ConversionError, IncompatibleCheckpointError, NonFiniteLossError,
+            FileNotFoundError, ImportError)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except _errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _echo_json(d: Any) -> None:
+    typer.echo(json.dumps(d, indent=2))
+
+
+def _parse_rows(text: str) -> list[list[float]]:
+    """``"0.5,2;0,3"`` -> ``[[0.5, 2.0], [0.0, 3.0]]``."""
+    try:
+        return [[float(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected rows of comma-separated numbers separated by ';', got {text!r}") from None
+
+
+@app.command()
+def train(
+    config: Optional[str] = typer.Argument(
+        None, help="Built-in run config (digits, grf), a .toml file, or omit to resume --workdir with its run.json."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Train on this data instead: an image folder (one subfolder per class, or none) or a .npz file."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", "-w", help="Run directory (default runs/<config name>). Rerunning resumes from its latest checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a model (resumes when WORKDIR already holds a checkpoint)."""
+    from pixeldit import runs
+
+    def go():
+        if config is None and workdir is None:
+            raise runs.ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
+        run = runs.load_run_config(config if config is not None else workdir, set_, data=data)
+        wd = workdir if workdir is not None else Path("runs") / run.name
+        typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
+        try:
+            return runs.train_run(run, wd, progress=progress, echo=typer.echo)
+        except KeyboardInterrupt:
+            from pixeldit.train import latest_checkpoint_step
+
+            step = latest_checkpoint_step(wd)
+            typer.echo(f"\ninterrupted: checkpoint at step {step} in {wd}; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    summary = _call(go)
+    typer.echo(
+        f"done: step {summary['step']} ({summary['steps_run']} this run) in {summary['wall_time']:.1f} s, "
+        f"{summary['steps_per_sec']:.2f} steps/s, final loss {summary['final_loss']}, "
+        f"{summary['num_params']:,} parameters\n"
+        f"checkpoint: {summary['checkpoint_path']}\nmetrics: {Path(summary['workdir']) / 'metrics.jsonl'}"
+    )
+
+
+@app.command()
+def sample(
+    workdir: Path = typer.Argument(..., help="Run directory (or a `pixeldit convert` output) with a checkpoint."),
+    num: Optional[int] = typer.Option(None, "--num", "-n", help="Number of samples."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class labels to draw, cycled: e.g. 3 or 0,1,2."),
+    theta: Optional[str] = typer.Option(None, "--theta", help="Theta rows to draw, cycled: e.g. '0.5,2.0;-0.5,3.5'."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1: none)."),
+    method: Optional[str] = typer.Option(None, "--method", help="euler, heun, heun_exact, flow_dpm, dpm_solver_2m, adaptive."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    raw: bool = typer.Option(False, "--raw", help="Use the raw training weights instead of the EMA weights."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default WORKDIR/samples)."),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="H W (default: the training data's)."),
+    condition: Optional[Path] = typer.Option(None, "--condition", help="t2i models: .npz with text-encoder tokens y (N, L, D) [and y_null]."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override [sample] keys: sample.key=value."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Draw samples from a checkpoint: writes samples.png (grid) and samples.npz (arrays)."""
+    from pixeldit import runs
+
+    sets = list(set_)
+    for key, value in (("num_samples", num), ("guidance", guidance), ("method", method), ("steps", steps),
+                       ("seed", seed)):
+        if value is not None:
+            sets.append(f"sample.{key}={json.dumps(value)}")
+    if labels is not None:
+        sets.append(f"sample.labels=[{labels}]")
+    if theta is not None:
+        sets.append(f"sample.theta={json.dumps(_parse_rows(theta))}")
+    if image_size is not None:
+        sets.append(f"sample.image_size={json.dumps(list(image_size))}")
+    res = _call(lambda: runs.sample_run(workdir, out=out, step=step, ema=not raw, overrides=sets,
+                                        condition_file=condition, progress=progress))
+    typer.echo(f"{res['num_samples']} samples from step {res['step']} in {res['wall_time']:.1f} s\n"
+               f"grid: {res['png']}\narrays: {res['npz']}")
+
+
+@app.command("eval")
+def eval_(
+    workdir: Path = typer.Argument(..., help="Run directory trained with `pixeldit train`."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default WORKDIR/eval)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override [eval] / [sample] keys, e.g. eval.samples_per_class=20."),
+    raw: bool = typer.Option(False, "--raw", help="Evaluate the raw training weights instead of the EMA weights."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Measure sample quality (digits: classifier accuracy and diversity; grf: power spectra) and plot it."""
+    from pixeldit import runs
+
+    res = _call(lambda: runs.eval_run(workdir, out=out, step=step, overrides=set_, ema=not raw, progress=progress))
+    skip = {"per_theta", "accuracy_per_class", "diversity_per_class", "plots", "checks", "sampling"}
+    _echo_json({k: v for k, v in res.items() if k not in skip})
+    for name, ok in res.get("checks", {}).items():
+        typer.echo(f"{'PASS' if ok else 'FAIL'}  {name}")
+    for name, path in res.get("plots", {}).items():
+        typer.echo(f"plot {name}: {path}")
+    typer.echo(f"metrics: {res['metrics_json']}")
+
+
+@app.command()
+def info(
+    target: str = typer.Argument(..., help="A preset (B/16, L/16, XL/16, T2I-1.3B), a run config (digits, grf, .toml) or a workdir."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="H W for the FLOPs count."),
+    batch: int = typer.Option(1, "--batch", help="Batch size for the FLOPs count."),
+    flops: bool = typer.Option(True, "--flops/--no-flops", help="Compile the forward pass to count FLOPs."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+) -> None:
+    """Model size: parameter count, float32 bytes and FLOPs per forward (XLA cost analysis)."""
+    from pixeldit import runs
+
+    res = _call(lambda: runs.model_info(target, overrides=set_, image_size=image_size, batch=batch, flops=flops))
+    if as_json:
+        _echo_json(res)
+        return
+    cfg = {k: v for k, v in res["config"].items() if k not in ("dtype", "param_dtype", "remat", "scan_unroll")}
+    typer.echo(f"{res['source']}: {res['kind']} model")
+    typer.echo("  " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    typer.echo(f"parameters: {res['num_params']:,} ({res['param_bytes_float32'] / 2**20:.1f} MiB in float32)")
+    h, w = res["image_size"]
+    typer.echo(f"image {h}x{w}: {res['tokens']} patch tokens")
+    if "flops_per_forward" in res:
+        typer.echo(f"FLOPs per forward (batch {res['batch']}): {res['flops_per_forward']:.4g} "
+                   f"({res['flops_per_forward'] / 1e9:.3f} GFLOPs)")
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A reference checkpoint file (.safetensors/.ckpt/.pth) or a workdir."),
+    dest: Path = typer.Argument(..., help="A new workdir (from a reference file) or a .safetensors file (from a workdir)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Reference architecture by preset name, e.g. XL/16."),
+    kwargs: Optional[Path] = typer.Option(None, "--kwargs", help="JSON file of the reference constructor's keyword arguments."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="c2i (PixDiT) or t2i (PixDiT_T2I); default c2i or the JSON's 'kind'."),
+    raw: bool = typer.Option(False, "--raw", help="Take the raw (non-EMA) weights."),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Default sampling size H W (reference file only; default 256 256)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Workdir checkpoint step (default: latest)."),
+) -> None:
+    """Reference checkpoint <-> this project's checkpoint directory (direction from SOURCE)."""
+    from pixeldit import runs
+
+    def go():
+        if source.is_dir():
+            if preset or kwargs or kind or image_size:
+                raise runs.ConfigError("--preset/--kwargs/--kind/--image-size apply to reference files, not to a workdir source")
+            return runs.convert_to_reference(source, dest, step=step, ema=not raw)
+        if not source.exists():
+            raise FileNotFoundError(f"no such file or workdir: {source}")
+        if not runs.is_reference_file(source):
+            raise runs.ConfigError(f"'{source}' is neither a workdir nor a reference checkpoint ({', '.join(runs.REFERENCE_FILE_SUFFIXES)})")
+        return runs.convert_from_reference(source, dest, kwargs_file=kwargs, preset_name=preset, kind=kind,
+                                           ema=not raw, image_size=image_size)
+
+    res = _call(go)
+    if "file" in res:
+        typer.echo(f"wrote {res['num_tensors']} reference-named tensors ({res['kind']}) to {res['file']}")
+    else:
+        typer.echo(f"wrote a {res['kind']} checkpoint from {res['num_tensors']} tensors to {res['checkpoint']}\n"
+                   f"sample it with: pixeldit sample {res['workdir']}")
+
+
+def main() -> None:  # python -m pixeldit.cli
+    app()
+
+
+if __name__ == "__main__":
+    main()
