@@ -1,6 +1,6 @@
 """The ``pixeldit`` command: a thin typer layer over :mod:`pixeldit.runs`.
 
-Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``.  Each parses its arguments,
+Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``.  Each parses its arguments,
 calls one library function and prints the result; errors in configs, data or checkpoints are
 printed as one ``error:`` line (exit code 1), Ctrl-C during training exits with 130 after the
 train loop has saved a checkpoint.  More subcommands register on :data:`app`.
@@ -23,10 +23,8 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _setup() -> None:
-    """PixelDiT (pixel-space diffusion transformer) in JAX: train, sample, evaluate, convert."""
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's per-open notices about read-only managers
@@ -92,7 +90,8 @@ def train(
             from pixeldit.train import latest_checkpoint_step
 
             step = latest_checkpoint_step(wd)
-            typer.echo(f"\ninterrupted: checkpoint at step {step} in {wd}; run the same command again to resume", err=True)
+            saved = f"checkpoint at step {step} in {wd}" if step is not None else "no checkpoint yet"
+            typer.echo(f"\ninterrupted: {saved}; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
 
     summary = _call(go)
@@ -223,6 +222,27 @@ def convert(
     else:
         typer.echo(f"wrote a {res['kind']} checkpoint from {res['num_tensors']} tensors to {res['checkpoint']}\n"
                    f"sample it with: pixeldit sample {res['workdir']}")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the preset's)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed repeats after warm-up (medians are reported)."),
+    remat: Optional[bool] = typer.Option(None, "--remat/--no-remat", help="Rematerialise blocks in the backward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
+) -> None:
+    """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate."""
+    from pixeldit.bench import format_result, run_benchmark
+
+    def go():
+        try:
+            return run_benchmark(preset, batch_size=batch, repeats=repeats, remat=remat)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+
+    result = _call(go)
+    typer.echo(json.dumps(result) if as_json else format_result(result))
 
 
 def main() -> None:  # python -m pixeldit.cli
