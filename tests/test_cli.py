@@ -417,3 +417,26 @@ def test_unconditional_image_folder(tmp_path):
     invoke("eval", wd, "--set", "eval.num_samples=4", "--no-progress")
     m = json.loads((wd / "eval" / "metrics.json").read_text())
     assert "std_ratio" in m and m["num_samples"] == 4
+
+
+@pytest.mark.slow
+def test_convert_and_sample_t2i(tmp_path):
+    from flax import nnx
+
+    from pixeldit.convert import save_reference_safetensors
+    from pixeldit.model import T2IConfig, build_model
+
+    kwargs = dict(in_channels=3, hidden_size=16, num_groups=2, patch_depth=1, pixel_depth=1, pixel_hidden_size=4,
+                  patch_size=4, txt_embed_dim=8, txt_max_length=4)
+    save_reference_safetensors(build_model(T2IConfig(**kwargs), rngs=nnx.Rngs(0)), tmp_path / "t2i.safetensors")
+    (tmp_path / "kw.json").write_text(json.dumps({"kind": "t2i", **kwargs}))
+    invoke("convert", tmp_path / "t2i.safetensors", tmp_path / "wd", "--kwargs", tmp_path / "kw.json",
+           "--image-size", 8, 8)
+    assert json.loads((tmp_path / "wd" / "config.json").read_text())["time_convention"] == runs.REFERENCE_T2I_TIME
+    r = invoke("sample", tmp_path / "wd", "--num", 2, ok=False)
+    assert r.exit_code == 1 and "--condition" in r.output
+    np.savez(tmp_path / "tokens.npz", y=np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32))
+    invoke("sample", tmp_path / "wd", "--num", 2, "--condition", tmp_path / "tokens.npz", "--steps", 2,
+           "--method", "euler", "--guidance", 2.0, "--out", tmp_path / "s", "--no-progress")
+    x = np.load(tmp_path / "s" / "samples.npz")["x"]
+    assert x.shape == (2, 8, 8, 3) and np.isfinite(x).all()
