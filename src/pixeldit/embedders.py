@@ -137,7 +137,10 @@ class ThetaEmbedder(nnx.Module):
     """Parameter vector ``theta`` -> ``K`` condition tokens for the theta-conditional model.
 
     Each of the ``K`` components (a scalar, or a ``C``-vector for ``(B, K, C)`` input) goes
-    through a shared ``Linear(C -> D)`` and RMSNorm; the token's identity is added as a learned
+    through a shared ``Linear(C -> D)``, followed by an RMSNorm when ``C > 1`` (as the reference
+    normalises its text tokens).  Scalar components skip the norm on purpose: the RMSNorm of a
+    projected scalar ``w * theta + b`` (``b`` zero at init) keeps only the sign of ``theta``, which
+    would hide its magnitude from the model.  The token's identity is added as a learned
     ``(1, K, D)`` table, a fixed 1D sincos table, or nothing.  A NaN component marks the null
     condition (classifier-free guidance): the whole token is replaced by a learned null token.
     """
@@ -157,7 +160,7 @@ class ThetaEmbedder(nnx.Module):
             raise ValueError(f"token_embedding must be one of {THETA_TOKEN_EMBEDDINGS}, got {token_embedding!r}")
         self.token_channels = token_channels
         self.proj = linear(token_channels, hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.norm = RMSNorm(hidden_size, dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(hidden_size, dtype=dtype, param_dtype=param_dtype) if token_channels > 1 else None
         init = nnx.initializers.normal(stddev=0.02)
         self.null_token = nnx.Param(init(rngs.params(), (hidden_size,), param_dtype))
         if token_embedding == "learned":
@@ -172,7 +175,9 @@ class ThetaEmbedder(nnx.Module):
         if theta.ndim == 2:
             theta = theta[..., None]  # (B, K) -> (B, K, 1)
         is_null = jnp.any(jnp.isnan(theta), axis=-1, keepdims=True)  # (B, K, 1)
-        tok = self.norm(self.proj(jnp.where(is_null, 0.0, theta)))  # (B, K, D)
+        tok = self.proj(jnp.where(is_null, 0.0, theta))  # (B, K, D)
+        if self.norm is not None:
+            tok = self.norm(tok)
         tok = jnp.where(is_null, self.null_token[...].astype(tok.dtype), tok)
         if self.pos_embedding is not None:
             tok = tok + self.pos_embedding[...].astype(tok.dtype)
