@@ -158,7 +158,7 @@ def load_reference_state_dict(model, state_dict: Mapping[str, Any]) -> None:
         raise ConversionError("reference state dict does not match the model:\n  " + "\n  ".join(lines))
     new = {path: np.array(params[path][...], dtype=np.float32) for path in params}
     for key, path, idx, transpose in entries:
-        value = _from_reference_layout(sd[key].astype(np.float32), transpose, key, model)
+        value = _from_reference_layout(sd[key], transpose, key, model)  # sd is float32 already
         if idx is None:
             new[path] = value
         else:
@@ -173,7 +173,7 @@ def _as_numpy(v) -> np.ndarray:
         if str(v.dtype) == "torch.bfloat16":
             v = v.float()
         v = v.numpy()
-    return np.asarray(v, dtype=np.float32) if np.asarray(v).dtype != np.float32 else np.asarray(v)
+    return np.asarray(v, dtype=np.float32)  # no copy when already float32
 
 
 # ---------------------------------------------------------------------------------------------
