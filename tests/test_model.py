@@ -233,11 +233,12 @@ def test_bfloat16_compute_runs_and_stays_close():
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max() + 1e-3
 
 
-def test_remat_gives_same_gradients():
+@pytest.mark.parametrize("mode", [True, "dots"])
+def test_remat_gives_same_gradients(mode):
     cfg = TINY["c2i"]
-    m1 = build_model(cfg, rngs=nnx.Rngs(0))
+    m1 = build_model(cfg.replace(remat=False), rngs=nnx.Rngs(0))
     _randomise(m1)
-    m2 = build_model(cfg.replace(remat=True), rngs=nnx.Rngs(0))
+    m2 = build_model(cfg.replace(remat=mode), rngs=nnx.Rngs(0))
     nnx.update(m2, nnx.state(m1, nnx.Param))
     x, t, y = _inputs("c2i")
     grad = nnx.jit(nnx.grad(_loss))
@@ -245,6 +246,11 @@ def test_remat_gives_same_gradients():
     g2 = jax.tree.leaves(grad(m2, x, t, y))
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_mode_is_checked():
+    with pytest.raises(ValueError, match=r"remat must be one of .*'dots'.* got 'all'"):
+        TINY["c2i"].replace(remat="all")
 
 
 # --- input checking ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The ``pixeldit`` command: a thin typer layer over :mod:`pixeldit.runs`.
 
-Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``.  Each parses its arguments,
+Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``, ``env``.  Each parses its arguments,
 calls one library function and prints the result; errors in configs, data or checkpoints are
 printed as one ``error:`` line (exit code 1), Ctrl-C during training exits with 130 after the
 train loop has saved a checkpoint.  More subcommands register on :data:`app`.
@@ -224,20 +224,50 @@ def convert(
                    f"sample it with: pixeldit sample {res['workdir']}")
 
 
+@app.command("env")
+def env_() -> None:
+    """Versions, JAX backend and devices, and the runtime settings in effect (JSON)."""
+    import importlib.metadata as md
+    import platform
+
+    import jax
+
+    from pixeldit.runtime import settings
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    _echo_json({
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("pixeldit", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")},
+        "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+        **settings(),
+    })
+
+
 @app.command()
 def bench(
     preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the preset's)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed repeats after warm-up (medians are reported)."),
-    remat: Optional[bool] = typer.Option(None, "--remat/--no-remat", help="Rematerialise blocks in the backward pass."),
+    remat: Optional[str] = typer.Option(
+        None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
     """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate."""
     from pixeldit.bench import format_result, run_benchmark
 
+    modes = {"false": False, "true": True, "dots": "dots"}
+    if remat is not None and remat.lower() not in modes:
+        raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
+
     def go():
         try:
-            return run_benchmark(preset, batch_size=batch, repeats=repeats, remat=remat)
+            return run_benchmark(preset, batch_size=batch, repeats=repeats,
+                                 remat=None if remat is None else modes[remat.lower()])
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 
@@ -245,7 +275,15 @@ def bench(
     typer.echo(json.dumps(result) if as_json else format_result(result))
 
 
-def main() -> None:  # python -m pixeldit.cli
+def main() -> None:
+    """Entry point of the ``pixeldit`` command (and ``python -m pixeldit``).
+
+    Applies :func:`pixeldit.runtime.configure_host` (CPU XLA flags, huge pages for malloc; may
+    re-execute the process once) before JAX starts, then runs :data:`app`.
+    """
+    from pixeldit.runtime import configure_host
+
+    configure_host()
     app()
 
 

@@ -15,8 +15,8 @@ Two levels (top-level forward):
   the patch tokens -> ``FinalLayer`` -> ``(B, H, W, C)``.
 
 Blocks of each level are stacked on a leading depth axis (``nnx.vmap`` at construction) and
-run with ``jax.lax.scan``, so compile time does not grow with depth; ``remat=True`` wraps each
-block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps per-block modules
+run with ``jax.lax.scan``, so compile time does not grow with depth; ``remat`` (``True`` or
+``"dots"``) wraps each block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps per-block modules
 (``patch_blocks.0``, ``patch_blocks.1``...); :mod:`pixeldit.convert` stacks / unstacks them.
 """
 
@@ -45,6 +45,7 @@ from pixeldit.modules import FinalLayer, TimestepConditioner
 from pixeldit.rope import ROPE_THETA, rope_1d_angles, rope_2d_angles
 
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_MODES = (False, True, "dots")  # see scan_blocks
 MLP_RATIO = 4.0  # the reference hard-codes mlp_ratio=4 for every block
 
 
@@ -71,7 +72,7 @@ class _Config:
     # -- this project's options (not reference constructor arguments) --
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # parameter dtype (keep float32 master weights for training)
-    remat: bool = False  # rematerialise each block in the backward pass (saves memory)
+    remat: bool | str = "dots"  # backward pass keeps: "dots" matmul outputs, False all, True block inputs
     scan_unroll: int | bool = 1  # lax.scan unroll of the block stacks (True: fully unrolled, exact FLOP counts)
 
     def __post_init__(self):
@@ -83,6 +84,8 @@ class _Config:
         if self.pixel_depth < 1:
             raise ValueError(f"pixel_depth must be >= 1 (the pixel pathway produces the output), got {self.pixel_depth}")
         _check_heads("hidden_size", self.hidden_size, "num_groups", self.num_groups)
+        if not any(self.remat is m or (isinstance(m, str) and self.remat == m) for m in REMAT_MODES):
+            raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -263,14 +266,23 @@ def _stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool = False, unroll: int | bool = 1):
-    """Run stacked ``blocks`` in sequence: ``carry = step(block_i, carry)`` via ``jax.lax.scan``."""
+def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool | str = False, unroll: int | bool = 1):
+    """Run stacked ``blocks`` in sequence: ``carry = step(block_i, carry)`` via ``jax.lax.scan``.
+
+    ``remat`` chooses what the backward pass keeps of each block's forward: ``False`` every
+    intermediate; ``"dots"`` only matrix-multiply outputs (elementwise work such as norms,
+    modulation and activations is recomputed inside the backward's fused kernels: less memory
+    traffic, same FLOPs of matrix multiplies); ``True`` only the block input (the whole block is
+    recomputed: least memory, one more forward of FLOPs).  All three give the same gradients.
+    """
     graphdef, state = nnx.split(blocks)
 
     def body(c, block_state):
         return step(nnx.merge(graphdef, block_state), c), None
 
-    if remat:
+    if remat == "dots":
+        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
+    elif remat is True:
         body = jax.checkpoint(body, prevent_cse=False)
     carry, _ = jax.lax.scan(body, carry, state, unroll=unroll)
     return carry

@@ -213,7 +213,8 @@ class TrainConfig:
         need(self.time_shift > 0, f"time_shift must be > 0, got {self.time_shift!r}")
         need(self.compute_dtype is None or self.compute_dtype in COMPUTE_DTYPES,
              f"compute_dtype must be one of {COMPUTE_DTYPES} or None, got {self.compute_dtype!r}")
-        need(self.remat is None or isinstance(self.remat, bool), f"remat must be a bool or None, got {self.remat!r}")
+        need(self.remat is None or isinstance(self.remat, bool) or self.remat == "dots",
+             f"remat must be None, true, false or \"dots\", got {self.remat!r}")
         need(isinstance(self.fsdp, bool), f"fsdp must be a bool, got {self.fsdp!r}")
         if self.mesh is not None:
             from pixeldit.parallel import validate_mesh_spec
