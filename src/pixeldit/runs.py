@@ -932,15 +932,17 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
 
 
 def forward_flops(model_config, image_size: tuple[int, int], batch: int = 1) -> float:
-    """FLOPs of one forward pass at ``image_size`` and ``batch`` from XLA's compiled cost analysis (no weights allocated).
+    """FLOPs of one forward pass at ``image_size`` and ``batch`` (no weights allocated).
 
-    XLA counts a while loop's body once whatever its trip count, so the block stacks are fully
-    unrolled (``scan_unroll=True``) for the count.
+    Counted by :func:`pixeldit.bench.count_flops` (XLA's cost analysis of the lowered program)
+    with the block stacks fully unrolled (``scan_unroll=True``): XLA counts a while loop's body
+    once whatever its trip count.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from pixeldit.bench import count_flops
     from pixeldit.model import abstract_model
 
     graphdef, state = nnx.split(abstract_model(model_config.replace(scan_unroll=True)))
@@ -957,11 +959,7 @@ def forward_flops(model_config, image_size: tuple[int, int], batch: int = 1) -> 
     def forward(state, x, t, y):
         return nnx.merge(graphdef, state)(x, t, y)
 
-    compiled = jax.jit(forward).lower(state, x, t, y).compile()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan")))
+    return count_flops(forward, state, x, t, y)
 
 
 def _is_workdir(path: Path) -> bool:
