@@ -24,3 +24,9 @@ def test_bench_unknown_preset():
     res = CliRunner().invoke(app, ["bench", "--preset", "huge"])
     assert res.exit_code != 0
     assert "s8-64" in res.output
+
+
+def test_bench_rejects_unknown_remat_mode():
+    res = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--remat", "all"])
+    assert res.exit_code != 0
+    assert "--remat must be one of" in res.output and "dots" in res.output

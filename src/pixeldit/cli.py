@@ -257,7 +257,10 @@ def bench(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
-    """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate."""
+    """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate.
+
+    Runs with the command's host settings (see: pixeldit env); set PIXELDIT_HOST_TUNING=0 to measure without them.
+    """
     from pixeldit.bench import format_result, run_benchmark
 
     modes = {"false": False, "true": True, "dots": "dots"}
@@ -284,7 +287,7 @@ def main() -> None:
     from pixeldit.runtime import configure_host
 
     configure_host()
-    app()
+    app(prog_name="pixeldit")
 
 
 if __name__ == "__main__":
