@@ -9,7 +9,10 @@ Smoke runs of the real built-in configs (their own, larger models) are marked sl
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +155,21 @@ def test_sample_is_reproducible_and_raw_differs(digits_run, tmp_path):
     a, b, c = (np.load(tmp_path / d / "samples.npz")["x"] for d in "abc")
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_sample_command_fills_the_compilation_cache(digits_run, tmp_path):
+    """The real entry point (subprocess) caches compiled programs under $XDG_CACHE_HOME/pixeldit/jax."""
+    drop = ("XLA_FLAGS", "PIXELDIT_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    cmd = [sys.executable, "-m", "pixeldit", "sample", str(digits_run), "--num", "2", "--steps", "2",
+           "--method", "euler", "--no-progress"]
+    for out in ("a", "b"):
+        subprocess.run([*cmd, "--out", str(tmp_path / out)], env=env, check=True, capture_output=True, timeout=600)
+    cached = [p for p in (tmp_path / "xdg" / "pixeldit" / "jax").rglob("*") if p.is_file()]
+    assert cached, "no compiled program was written to the cache"
+    a, b = (np.load(tmp_path / d / "samples.npz")["x"] for d in "ab")
+    np.testing.assert_array_equal(a, b)  # the run that loaded cached programs gives the same samples
 
 
 def test_sample_rejects_bad_labels(digits_run, tmp_path):

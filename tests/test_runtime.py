@@ -34,8 +34,12 @@ def test_configure_host_sets_cpu_flags_only_where_it_should(env, expect_flags):
     assert "GLIBC_TUNABLES" not in env  # without re-execution the tunable would have no effect
 
 
+_OURS = ("XLA_FLAGS", "GLIBC_TUNABLES", "PIXELDIT_HOST_TUNING", "PIXELDIT_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR",
+         "JAX_ENABLE_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_MAX_SIZE")
+
+
 def _env_report(extra_env):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "PIXELDIT_HOST_TUNING")}
+    env = {k: v for k, v in os.environ.items() if k not in _OURS}
     env.update(extra_env)
     out = subprocess.run([sys.executable, "-m", "pixeldit", "env"], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout
@@ -54,5 +58,31 @@ def test_command_reexecutes_with_huge_pages_and_flags():
 
 
 def test_command_opt_out_changes_nothing():
-    report = _env_report({"JAX_PLATFORMS": "cpu", "PIXELDIT_HOST_TUNING": "0"})
+    report = _env_report({"JAX_PLATFORMS": "cpu", "PIXELDIT_HOST_TUNING": "0", "PIXELDIT_COMPILATION_CACHE": "0"})
     assert report["xla_flags"] is None and report["glibc_tunables"] is None
+    assert report["compilation_cache_dir"] is None
+
+
+def test_command_uses_a_compilation_cache_under_xdg(tmp_path):
+    report = _env_report({"JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path)})
+    assert report["compilation_cache_dir"] == str(tmp_path / "pixeldit" / "jax")
+
+
+@pytest.mark.parametrize("env,expect", [
+    ({"XDG_CACHE_HOME": "/x"}, "/x/pixeldit/jax"),
+    ({"XDG_CACHE_HOME": "/x", "PIXELDIT_COMPILATION_CACHE": "/elsewhere"}, "/elsewhere"),
+    ({"XDG_CACHE_HOME": "/x", "PIXELDIT_COMPILATION_CACHE": "0"}, None),
+    ({"XDG_CACHE_HOME": "/x", "JAX_COMPILATION_CACHE_DIR": "/mine"}, "/mine"),  # the user's own setting wins
+])
+def test_compilation_cache_location(env, expect):
+    env = dict(env)
+    runtime.configure_compilation_cache(env)
+    assert env.get("JAX_COMPILATION_CACHE_DIR") == expect
+    assert runtime.settings(env)["compilation_cache_dir"] == expect
+
+
+def test_bench_compiles_cold():
+    env = {"JAX_COMPILATION_CACHE_DIR": "/mine"}
+    runtime.configure_compilation_cache(env, enable=False)
+    assert env["JAX_ENABLE_COMPILATION_CACHE"] == "false"
+    assert runtime.settings(env)["compilation_cache_dir"] is None

@@ -281,12 +281,17 @@ def bench(
 def main() -> None:
     """Entry point of the ``pixeldit`` command (and ``python -m pixeldit``).
 
-    Applies :func:`pixeldit.runtime.configure_host` (CPU XLA flags, huge pages for malloc; may
-    re-execute the process once) before JAX starts, then runs :data:`app`.
+    Before JAX starts: :func:`pixeldit.runtime.configure_host` (CPU XLA flags, huge pages for
+    malloc; may re-execute the process once) and the persistent compilation cache (off for
+    ``bench``, which measures cold compiles).  Then runs :data:`app`.
     """
-    from pixeldit.runtime import configure_host
+    import sys
+
+    from pixeldit.runtime import configure_compilation_cache, configure_host
 
     configure_host()
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    configure_compilation_cache(enable=command != "bench")
     app(prog_name="pixeldit")
 
 

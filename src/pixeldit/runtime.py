@@ -13,7 +13,11 @@ Two settings, both measured on the ``s8-64`` benchmark (see ``docs/PERF_NOTES.md
   (about 1 s of kernel time) per step; with huge pages, ~700.  glibc reads this variable only
   at process start, so :func:`configure_host` re-executes the command once with it set.
 
-Set ``PIXELDIT_HOST_TUNING=0`` to turn both off.  Library users can export the same
+Set ``PIXELDIT_HOST_TUNING=0`` to turn both off.
+
+The command also keeps JAX's persistent compilation cache (:func:`configure_compilation_cache`):
+a second ``pixeldit train`` (resuming), ``sample`` or ``eval`` of the same model loads its compiled
+programs from disk instead of compiling them again.  ``pixeldit bench`` always compiles cold.  Library users can export the same
 variables themselves (``XLA_FLAGS`` before JAX initialises its backend, ``GLIBC_TUNABLES``
 before Python starts)::
 
@@ -31,7 +35,16 @@ import sys
 from pathlib import Path
 from typing import MutableMapping, Sequence
 
-__all__ = ["CPU_XLA_FLAGS", "HUGEPAGE_TUNABLE", "configure_host", "cpu_only", "merge_xla_flags", "settings"]
+__all__ = [
+    "CPU_XLA_FLAGS",
+    "HUGEPAGE_TUNABLE",
+    "compilation_cache_dir",
+    "configure_compilation_cache",
+    "configure_host",
+    "cpu_only",
+    "merge_xla_flags",
+    "settings",
+]
 
 CPU_XLA_FLAGS: tuple[str, ...] = (
     "--xla_cpu_use_fusion_emitters=false",
@@ -39,6 +52,8 @@ CPU_XLA_FLAGS: tuple[str, ...] = (
 )
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 _OPT_OUT = "PIXELDIT_HOST_TUNING"
+_CACHE_ENV = "PIXELDIT_COMPILATION_CACHE"  # "0" turns the cache off; a path puts it there
+CACHE_MAX_BYTES = 2 * 2**30  # least recently used programs are evicted beyond this
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 
@@ -75,9 +90,48 @@ def _hugepages_possible() -> bool:
         return False
 
 
+def _off(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("0", "false", "no", "off")
+
+
 def settings(env: MutableMapping[str, str] = os.environ) -> dict[str, str | None]:
-    """The runtime settings in effect (for benchmark records)."""
-    return {"xla_flags": env.get("XLA_FLAGS") or None, "glibc_tunables": env.get("GLIBC_TUNABLES") or None}
+    """The runtime settings in effect (for benchmark records and ``pixeldit env``)."""
+    cache = None if _off(env.get("JAX_ENABLE_COMPILATION_CACHE")) else env.get("JAX_COMPILATION_CACHE_DIR") or None
+    return {"xla_flags": env.get("XLA_FLAGS") or None, "glibc_tunables": env.get("GLIBC_TUNABLES") or None,
+            "compilation_cache_dir": cache}
+
+
+def compilation_cache_dir(env: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Where the command caches compiled programs, or ``None`` with ``PIXELDIT_COMPILATION_CACHE=0``.
+
+    ``$PIXELDIT_COMPILATION_CACHE`` when it is a path, else ``$XDG_CACHE_HOME/pixeldit/jax``
+    (``~/.cache/pixeldit/jax``).
+    """
+    value = env.get(_CACHE_ENV, "").strip()
+    if _off(value):
+        return None
+    if value and value.lower() not in ("1", "true", "yes", "on"):
+        return Path(value).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pixeldit" / "jax"
+
+
+def configure_compilation_cache(env: MutableMapping[str, str] = os.environ, *, enable: bool = True) -> None:
+    """Point JAX's persistent compilation cache at :func:`compilation_cache_dir` (before JAX is imported).
+
+    A ``JAX_COMPILATION_CACHE_DIR`` the user set wins.  ``enable=False`` turns any cache off
+    (``pixeldit bench`` measures cold compiles).  The cache holds at most ``CACHE_MAX_BYTES``.
+    """
+    if not enable:
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        return
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    path = compilation_cache_dir(env)
+    if path is None:
+        return
+    env["JAX_COMPILATION_CACHE_DIR"] = str(path)
+    env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_MAX_BYTES))
 
 
 def configure_host(argv: Sequence[str] | None = None, env: MutableMapping[str, str] = os.environ,
@@ -89,7 +143,7 @@ def configure_host(argv: Sequence[str] | None = None, env: MutableMapping[str, s
     returns in that case.  A no-op with ``PIXELDIT_HOST_TUNING=0`` or when a GPU/TPU plugin is
     installed.
     """
-    if env.get(_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off") or not cpu_only(env):
+    if _off(env.get(_OPT_OUT)) or not cpu_only(env):
         return
     env["XLA_FLAGS"] = merge_xla_flags(env.get("XLA_FLAGS", ""), CPU_XLA_FLAGS)
     tunables = env.get("GLIBC_TUNABLES", "")
