@@ -1,7 +1,7 @@
 """Benchmarks: forward pass, full train step, one sampler step, compile time, FLOP rate.
 
 Every timing is the median over ``repeats`` runs after warm-up, with ``block_until_ready``.
-FLOPs come from XLA's cost analysis of the compiled function; the achieved rate is compared
+FLOPs come from XLA's cost analysis of the lowered program; the achieved rate is compared
 with the plain matrix-multiply rate of the same backend measured in the same run (float32 on
 CPU, bfloat16 on GPU/TPU; the best of 20 calls, measured before and after the model timings),
 so each number is also a fraction of that ceiling.

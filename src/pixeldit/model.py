@@ -16,8 +16,9 @@ Two levels (top-level forward):
 
 Blocks of each level are stacked on a leading depth axis (``nnx.vmap`` at construction) and
 run with ``jax.lax.scan``, so compile time does not grow with depth; ``remat`` (``True`` or
-``"dots"``) wraps each block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps per-block modules
-(``patch_blocks.0``, ``patch_blocks.1``...); :mod:`pixeldit.convert` stacks / unstacks them.
+``"dots"``) wraps each block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps
+per-block modules (``patch_blocks.0``, ``patch_blocks.1``...); :mod:`pixeldit.convert` stacks /
+unstacks them.
 """
 
 from __future__ import annotations

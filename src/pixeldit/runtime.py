@@ -4,7 +4,7 @@ Two settings, both measured on the ``s8-64`` benchmark (see ``docs/PERF_NOTES.md
 
 * **XLA flags** (CPU-only machines): ``--xla_cpu_use_fusion_emitters=false`` and
   ``--xla_backend_optimization_level=1``.  They cut the train step's first-call compile from
-  ~18 s to ~9 s on a 2-core CPU with no measurable change in step time: the matrix multiplies
+  ~18 s to ~10 s on a 2-core CPU with no measurable change in step time: the matrix multiplies
   run in YNNPACK either way, and LLVM's heavier optimisation of the elementwise kernels did not
   pay for itself.  Flags the user already set in ``XLA_FLAGS`` are left alone.
 * **Transparent huge pages for malloc** (Linux, glibc >= 2.35): ``GLIBC_TUNABLES=
@@ -13,16 +13,17 @@ Two settings, both measured on the ``s8-64`` benchmark (see ``docs/PERF_NOTES.md
   (about 1 s of kernel time) per step; with huge pages, ~700.  glibc reads this variable only
   at process start, so :func:`configure_host` re-executes the command once with it set.
 
-Set ``PIXELDIT_HOST_TUNING=0`` to turn both off.
-
-The command also keeps JAX's persistent compilation cache (:func:`configure_compilation_cache`):
-a second ``pixeldit train`` (resuming), ``sample`` or ``eval`` of the same model loads its compiled
-programs from disk instead of compiling them again.  ``pixeldit bench`` always compiles cold.  Library users can export the same
-variables themselves (``XLA_FLAGS`` before JAX initialises its backend, ``GLIBC_TUNABLES``
-before Python starts)::
+Set ``PIXELDIT_HOST_TUNING=0`` to turn both off.  Library users can export the same variables
+themselves (``XLA_FLAGS`` before JAX initialises its backend, ``GLIBC_TUNABLES`` before Python
+starts)::
 
     export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
     export XLA_FLAGS="--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
+
+The command also keeps JAX's persistent compilation cache (:func:`configure_compilation_cache`):
+a second ``pixeldit train`` (resuming), ``sample`` or ``eval`` of the same model loads its
+compiled programs from disk instead of compiling them again.  ``pixeldit bench`` always
+compiles cold.
 """
 
 from __future__ import annotations
