@@ -132,7 +132,10 @@ def configure_compilation_cache(env: MutableMapping[str, str] = os.environ, *, e
     if path is None:
         return
     env["JAX_COMPILATION_CACHE_DIR"] = str(path)
-    env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_MAX_BYTES))
+    # JAX refuses to use a size-capped cache without ``filelock`` (a dependency of this package);
+    # should it be missing anyway, an uncapped cache beats none.
+    if importlib.util.find_spec("filelock") is not None:
+        env.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_MAX_BYTES))
 
 
 def configure_host(argv: Sequence[str] | None = None, env: MutableMapping[str, str] = os.environ,
