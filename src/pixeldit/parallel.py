@@ -435,7 +435,7 @@ def create_sharded_train_state(
     single-device initialisation (JAX's partitionable threefry RNG does not
     depend on the sharding).
     """
-    from pixeldit.train import TrainConfig, _jitted_init, abstract_train_state, create_train_state
+    from pixeldit.train import _init_fn, abstract_train_state, create_train_state
 
     abstract = abstract_train_state(model_config, train_config, model_fn=model_fn)
     shardings = state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size)
@@ -446,8 +446,7 @@ def create_sharded_train_state(
     init = _INIT_CACHE.get(key)
     if init is None:
         # the same (cached, jitted) initialiser as create_train_state, nested in a jit with out_shardings
-        base = TrainConfig(grad_clip=None) if train_config.grad_clip is None else TrainConfig()
-        init = _cache_put(_INIT_CACHE, key, jax.jit(_jitted_init(model_config, base), out_shardings=shardings))
+        init = _cache_put(_INIT_CACHE, key, jax.jit(_init_fn(model_config, train_config), out_shardings=shardings))
     return init(jnp.asarray(train_config.seed, jnp.int32))
 
 

@@ -364,6 +364,16 @@ def _jitted_init(model_config: Any, train_key: TrainConfig):
     return jax.jit(init)
 
 
+def _init_fn(model_config: Any, train_config: TrainConfig):
+    """The cached jitted initialiser ``seed -> TrainState`` for ``train_config``.
+
+    The optimiser state's structure only depends on whether clipping is on, so every other
+    train-config field shares one compiled initialiser.
+    """
+    key = TrainConfig(grad_clip=None) if train_config.grad_clip is None else TrainConfig()
+    return _jitted_init(model_config, key)
+
+
 def create_train_state(
     model_config: Any,
     train_config: TrainConfig,
@@ -382,10 +392,7 @@ def create_train_state(
     of the parameters; the training RNG is ``fold_in(key(seed), 1)``.
     """
     if model is None and tx is None:
-        # The optimiser state's structure only depends on whether clipping is on.
-        init_key = TrainConfig(grad_clip=None) if train_config.grad_clip is None else TrainConfig()
-        init = _jitted_init(model_config, init_key)
-        return init(jnp.asarray(train_config.seed, jnp.int32))
+        return _init_fn(model_config, train_config)(jnp.asarray(train_config.seed, jnp.int32))
     tx = tx if tx is not None else make_optimizer(train_config)
     if model is None:
         model = _build_model(model_config, train_config.seed)
