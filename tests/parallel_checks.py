@@ -75,19 +75,32 @@ def host(tree):
     return [np.array(a) for a in jax.tree.leaves(tree)]
 
 
+def host_state(state):
+    """Every per-leaf array of a train state, as a checkpoint stores it (independent of padding and mesh)."""
+    return host(T.checkpoint_items(state))
+
+
 def maxdiff(a, b):
     la, lb = host(a) if not isinstance(a, list) else a, host(b) if not isinstance(b, list) else b
     assert len(la) == len(lb)
     return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0)) for x, y in zip(la, lb))
 
 
-def shard_specs(state):
-    """{path: (spec, per-device shard shape)} of the sharded params leaves."""
-    out = {}
-    for path, a in jax.tree_util.tree_leaves_with_path(state.params):
-        if any(e is not None for e in a.sharding.spec):
-            out[jax.tree_util.keystr(path)] = (str(a.sharding.spec), list(a.addressable_shards[0].data.shape), list(a.shape))
-    return out
+def _spec(a):
+    return (str(a.sharding.spec), list(a.addressable_shards[0].data.shape), list(a.shape))
+
+
+def flat_specs(state):
+    """{name: (spec, per-device shard shape, shape)} of the flat vectors (parameters, EMA, Adam moments)."""
+    adam = state.opt_state[1][0]
+    return {name: _spec(a) for name, a in
+            (("params", state.flat_params), ("ema", state.flat_ema), ("mu", adam.mu), ("nu", adam.nu))}
+
+
+def leaf_specs(tree):
+    """{path: (spec, shard shape, shape)} of the sharded leaves of a per-leaf tree."""
+    return {jax.tree_util.keystr(path): _spec(a) for path, a in jax.tree_util.tree_leaves_with_path(tree)
+            if any(e is not None for e in a.sharding.spec)}
 
 
 def run_steps(step_fn, state, put, n=2, first=0):
@@ -118,19 +131,23 @@ def single(out_path, workdir):
     # ---- initial state, created directly in the FSDP layout on fsdp:4 (train()'s fresh start)
     mesh_f = par.make_mesh("fsdp:4")
     fs_state = par.create_sharded_train_state(CFG, TC, mesh_f, fsdp=True)
-    init_np = jax.tree.map(np.array, fs_state)  # host copy (fs_state is donated below)
-    res["fsdp_init_maxdiff"] = maxdiff(host(T.create_train_state(CFG, TC)), host(init_np))
+    one = T.create_train_state(CFG, TC)  # its flat vectors are unpadded, fs_state's padded for 4 devices
+    init_np = jax.tree.map(np.array, one)  # host copy: the start of the single-device and data-parallel runs
+    res["fsdp_init_maxdiff"] = maxdiff(host_state(one), host_state(fs_state))
+    res["layout"] = {"size": fs_state.layout.size, "padded_size": fs_state.layout.padded_size,
+                     "unpadded_size": one.layout.padded_size}
     lap("init")
 
     # ---- single-device reference: four steps of train()'s shared step, from the same values
     dev0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     ref_step, _ = T.shared_train_step(fs_state.graphdef, TC)
     ref, ref_losses = run_steps(ref_step, jax.device_put(init_np, dev0), T.prepare_batch)
-    ref_host = host(ref)
+    ref_host = host(ref)  # the data-parallel run has the same (unpadded) flat layout
+    ref_host_items = host_state(ref)  # per-leaf, to compare with the padded FSDP state
     ref_params = host(ref.params)
     ref, more = run_steps(ref_step, ref, T.prepare_batch, first=2)
     res["ref_losses"] = ref_losses + more
-    res["ref_final"] = host(ref)
+    res["ref_final"] = host_state(ref)
     np.savez(workdir / "ref_final.npz", *res["ref_final"])  # for the multi-process run
     res["ref_leaves"] = len(res["ref_final"])
     lap("single_device")
@@ -149,28 +166,27 @@ def single(out_path, workdir):
     res["dp_state_maxdiff"] = maxdiff(ref_host, host(dp))
     res["dp_params_maxdiff"] = maxdiff(ref_params, host(dp.params))
     res["dp_traces"] = dp_traces[0]
-    res["dp_donated"] = all(a.is_deleted() for a in jax.tree.leaves(dp_state.params))
+    res["dp_donated"] = all(a.is_deleted() for a in jax.tree.leaves(dp_state))
     lap("data_parallel")
 
     # ---- FSDP on fsdp:4
-    res["fsdp_specs"] = shard_specs(fs_state)
-    res["fsdp_n_params"] = len(jax.tree.leaves(fs_state.params))
-    mu = fs_state.opt_state[1][0].mu
-    res["fsdp_mu_matches_params"] = all(
-        a.sharding == b.sharding and c.sharding == b.sharding
-        for a, b, c in zip(jax.tree.leaves(mu), jax.tree.leaves(fs_state.params), jax.tree.leaves(fs_state.ema_params))
+    res["fsdp_specs"] = flat_specs(fs_state)
+    res["fsdp_replicated_rest"] = all(
+        a.sharding.spec == jax.sharding.PartitionSpec()
+        for a in jax.tree.leaves((fs_state.step, fs_state.rng, fs_state.model_state, fs_state.opt_state[1][0].count))
     )
     fs_step, fs_traces = par.shared_sharded_train_step(fs_state, TC, mesh_f, fsdp=True)
     fs, fs_losses = run_steps(fs_step, fs_state, lambda b: par.shard_batch(b, mesh_f))
     res["fsdp_losses"] = fs_losses
-    res["fsdp_state_maxdiff"] = maxdiff(ref_host, host(fs))
+    res["fsdp_state_maxdiff"] = maxdiff(ref_host_items, host_state(fs))
     res["fsdp_params_maxdiff"] = maxdiff(ref_params, host(fs.params))
-    res["fsdp_out_specs_kept"] = shard_specs(fs) == res["fsdp_specs"]
+    res["fsdp_out_specs_kept"] = flat_specs(fs) == res["fsdp_specs"]
+    res["fsdp_checkpoint_leaf_specs"] = leaf_specs(T.checkpoint_items(fs)["params"])  # per-leaf views stay split
     res["fsdp_traces"] = fs_traces[0]
     lap("fsdp")
 
     # ---- checkpoint saved from the 4-device FSDP layout, restored on other meshes
-    saved = host(fs)
+    saved = host_state(fs)
     meta = {"model_config": CFG.to_dict(), "train_config": TC.to_dict(), "dataset": Data().metadata()}
     with T.checkpoint_manager(workdir / "ckpt") as mngr:
         step = T.save_train_state(mngr, fs, meta)
@@ -186,10 +202,10 @@ def single(out_path, workdir):
     for name, st in restored.items():
         devs = {d for a in jax.tree.leaves(st) for d in a.sharding.device_set}
         res["restore"][name] = {
-            "maxdiff": maxdiff(saved, host(st)),
+            "maxdiff": maxdiff(saved, host_state(st)),
             "n_devices": len(devs),
             "step": int(st.step),
-            "specs": shard_specs(st) if name != "one_device" else {},
+            "specs": flat_specs(st) if name != "one_device" else {},
         }
     expected = par.state_shardings(restored["mesh_2x2_fsdp"], mesh22, fsdp=True)
     res["restore"]["mesh_2x2_fsdp"]["layout_as_requested"] = all(
@@ -210,7 +226,7 @@ def single(out_path, workdir):
     }
     with T.checkpoint_manager(workdir / "run", read_only=True) as mngr:
         final = T.restore_train_state(mngr, 4, T.abstract_train_state(CFG, TC))
-    res["train"]["final_state_maxdiff"] = maxdiff(res.pop("ref_final"), host(final))
+    res["train"]["final_state_maxdiff"] = maxdiff(res.pop("ref_final"), host_state(final))
     lap("compare")
 
     Path(out_path).write_text(json.dumps(res, indent=1))

@@ -139,7 +139,8 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
 
     tc = TrainConfig(batch_size=b, steps=10, warmup_steps=1, compute_dtype=cfg.dtype)
     state = create_train_state(cfg, tc)
-    result["num_params"] = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
+    params = state.params  # per-leaf view of the flat master weights
+    result["num_params"] = state.layout.size
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(b, h, w, cfg.in_channels)), jnp.float32)
     y = jnp.asarray(rng.integers(0, cfg.num_classes, size=b), jnp.int32)
@@ -153,10 +154,10 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         model = nnx.merge(graphdef, params, model_state)
         return model(x, t, y)
 
-    fwd = jax.jit(forward).lower(state.params, state.model_state, x, t, y).compile()
+    fwd = jax.jit(forward).lower(params, state.model_state, x, t, y).compile()
     result["gflops_forward"] = count_flops(
-        lambda *a: forward(*a, graphdef=unrolled_graphdef), state.params, state.model_state, x, t, y) / 1e9
-    sec = _time(lambda: fwd(state.params, state.model_state, x, t, y).block_until_ready(), repeats)
+        lambda *a: forward(*a, graphdef=unrolled_graphdef), params, state.model_state, x, t, y) / 1e9
+    sec = _time(lambda: fwd(params, state.model_state, x, t, y).block_until_ready(), repeats)
     result["forward_ms"] = sec * 1e3
     result["forward_gflops_per_s"] = result["gflops_forward"] / sec
 
@@ -167,8 +168,8 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         u, c = jnp.split(v, 2)
         return x + 0.05 * (u + 4.0 * (c - u))
 
-    smp = jax.jit(sample_step).lower(state.params, state.model_state, x, t, y).compile()
-    result["sample_step_ms"] = _time(lambda: smp(state.params, state.model_state, x, t, y).block_until_ready(), repeats) * 1e3
+    smp = jax.jit(sample_step).lower(params, state.model_state, x, t, y).compile()
+    result["sample_step_ms"] = _time(lambda: smp(params, state.model_state, x, t, y).block_until_ready(), repeats) * 1e3
 
     # -- train step (AdamW, loss, EMA), state donated ----------------------------------------------
     step_fn = make_train_step(graphdef, tc)

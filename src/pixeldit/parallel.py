@@ -15,11 +15,13 @@ Layouts
 -------
 * **Data parallel** (default): parameters, EMA and AdamW moments replicated on
   every device; the batch split along its leading axis over *all* mesh axes.
-* **FSDP** (``fsdp=True``, or a mesh with an ``fsdp`` axis): each parameter,
-  its EMA copy and its AdamW ``mu``/``nu`` are split along their largest axis
-  whose size is divisible by the FSDP group size (the mesh's ``fsdp`` axis if
-  it has one, else the whole mesh); leaves smaller than ``min_shard_size``
-  elements, or with no divisible axis, stay replicated.  The batch is still
+* **FSDP** (``fsdp=True``, or a mesh with an ``fsdp`` axis): the train state
+  stores the parameters, their EMA and the AdamW ``mu``/``nu`` as flat vectors
+  (:mod:`pixeldit.flat`), zero-padded to a multiple of the FSDP group size (the
+  mesh's ``fsdp`` axis if it has one, else the whole mesh) and split evenly
+  over it, ZeRO-3 style; XLA gathers the parameters for the forward pass and
+  reduce-scatters the gradient.  Vectors shorter than ``min_shard_size``
+  elements stay replicated.  The batch is still
   split over all mesh axes, so ``"data:2,fsdp:2"`` is hybrid sharding: FSDP
   within pairs of devices, data parallel across pairs.
 * Step counter, RNG and non-trainable model variables are always replicated.
@@ -108,6 +110,7 @@ __all__ = [
     "check_batch_size",
     "create_sharded_train_state",
     "fsdp_axes",
+    "fsdp_size",
     "host_batch",
     "initialize_distributed",
     "make_mesh",
@@ -127,7 +130,7 @@ __all__ = [
 
 #: Mesh axis names understood by the sharding rules.
 AXES = ("data", "fsdp")
-#: Leaves with fewer elements than this stay replicated under FSDP.
+#: Flat parameter vectors with fewer elements than this stay replicated under FSDP.
 DEFAULT_MIN_SHARD_SIZE = 1024
 
 _TRUE = {"1", "true", "yes", "on", "auto"}
@@ -351,28 +354,38 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False, *, min_
     """:class:`~pixeldit.train.TrainState` of :class:`NamedSharding` leaves for ``abstract_state``.
 
     ``abstract_state`` may hold arrays or ``ShapeDtypeStruct``s (only shapes are
-    read).  Data parallel: everything replicated.  FSDP: ``params``,
-    ``ema_params`` and every array leaf of ``opt_state`` follow
-    :func:`param_spec` (so a parameter, its EMA and its Adam moments share a
-    layout); step, RNG, optimiser counters and ``model_state`` replicated.
+    read).  Data parallel: everything replicated.  FSDP: the flat parameter,
+    EMA and AdamW-moment vectors (:mod:`pixeldit.flat`) are split evenly over
+    :func:`fsdp_axes` (ZeRO-3 style: the step gathers the parameters and
+    reduce-scatters the gradient); vectors shorter than ``min_shard_size`` or
+    whose length does not divide, step, RNG, optimiser counters and
+    ``model_state`` replicated.  Create the state with
+    ``pad_multiple=fsdp_size(mesh, fsdp)`` so that its vectors divide.
     """
     repl = replicated(mesh)
     axes = fsdp_axes(mesh, fsdp)
     n = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    layout = abstract_state.layout
 
     def leaf(a):
-        if not axes:
+        if not axes or not layout.is_flat(a):
             return repl
-        return NamedSharding(mesh, param_spec(getattr(a, "shape", ()), n, axes, min_shard_size))
+        return NamedSharding(mesh, param_spec(a.shape, n, axes, min_shard_size))
 
     return abstract_state.replace(
         step=repl,
-        params=jax.tree.map(leaf, abstract_state.params),
-        ema_params=jax.tree.map(leaf, abstract_state.ema_params),
+        flat_params=leaf(abstract_state.flat_params),
+        flat_ema=leaf(abstract_state.flat_ema),
         opt_state=jax.tree.map(leaf, abstract_state.opt_state),
         rng=repl,
         model_state=jax.tree.map(lambda _: repl, abstract_state.model_state),
     )
+
+
+def fsdp_size(mesh: Mesh, fsdp: bool = False) -> int:
+    """Number of devices the FSDP vectors are split over (1 without FSDP): the state's ``pad_multiple``."""
+    axes = fsdp_axes(mesh, fsdp)
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
 
 
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -392,7 +405,7 @@ def abstract_sharded_state(
     """Abstract train state laid out on ``mesh`` (restore target for any checkpoint of the run)."""
     from pixeldit.train import abstract_train_state
 
-    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn)
+    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn, pad_multiple=fsdp_size(mesh, fsdp))
     return with_shardings(abstract, state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size))
 
 
@@ -437,16 +450,19 @@ def create_sharded_train_state(
     """
     from pixeldit.train import _init_fn, abstract_train_state, create_train_state
 
-    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn)
+    pad = fsdp_size(mesh, fsdp)
+    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn, pad_multiple=pad)
     shardings = state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size)
     if model_fn is not None:
-        init = jax.jit(lambda: create_train_state(model_config, train_config, model=model_fn()), out_shardings=shardings)
+        init = jax.jit(
+            lambda: create_train_state(model_config, train_config, model=model_fn(), pad_multiple=pad), out_shardings=shardings
+        )
         return init()
     key = (model_config, train_config.grad_clip is None, mesh, bool(fsdp), min_shard_size)
     init = _INIT_CACHE.get(key)
     if init is None:
         # the same (cached, jitted) initialiser as create_train_state, nested in a jit with out_shardings
-        init = _cache_put(_INIT_CACHE, key, jax.jit(_init_fn(model_config, train_config), out_shardings=shardings))
+        init = _cache_put(_INIT_CACHE, key, jax.jit(_init_fn(model_config, train_config, pad), out_shardings=shardings))
     return init(jnp.asarray(train_config.seed, jnp.int32))
 
 

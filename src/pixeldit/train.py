@@ -14,6 +14,10 @@ Design
   multi-host) jits the same pure step with ``in_shardings``/``out_shardings``
   on a device mesh; see :mod:`pixeldit.parallel`.  Checkpoints do not depend
   on the mesh they were written from.
+* Master weights, the EMA and the AdamW moments are float32 and stored flat,
+  one vector each (:mod:`pixeldit.flat`: the optimiser and EMA then compile to
+  a handful of kernels); ``state.params`` / ``state.ema_params`` are the
+  per-leaf ``nnx.State`` views, and checkpoints hold per-leaf trees.
 * Master weights, the EMA and the AdamW moments are float32.  With a bfloat16
   compute dtype the float32 parameters are cast to bfloat16 inside the loss
   (gradients therefore arrive in float32); activations follow the model
@@ -34,9 +38,9 @@ Checkpoint layout (``workdir`` given to :func:`train`)::
       metrics.jsonl        # one JSON object per logged step
       checkpoints/
         <step>/            # e.g. 1000/; committed atomically by rename
-          params/          # float32 master weights (orbax PyTree, OCDBT)
-          ema_params/      # float32 EMA weights
-          opt_state/       # optax state of chain(clip_by_global_norm, adamw)
+          params/          # float32 master weights, per-leaf nnx.State tree (orbax PyTree, OCDBT)
+          ema_params/      # float32 EMA weights, same tree
+          opt_state/       # optax state of chain(clip_by_global_norm, adamw), moments as same tree
           extra/           # {"step", "rng" (raw uint32 key data), "model_state"}
           meta/            # JSON: model_config, train_config, dataset, step
           _CHECKPOINT_METADATA, commit_success.txt
@@ -66,6 +70,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 
 from pixeldit import flow
+from pixeldit.flat import ParamLayout
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ __all__ = [
     "TrainState",
     "abstract_train_state",
     "check_compatible",
+    "checkpoint_items",
     "checkpoint_manager",
     "create_train_state",
     "describe_dataset",
@@ -293,31 +299,34 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
 class TrainState:
     """Everything that evolves during training, as a pytree of arrays.
 
-    ``graphdef`` is static (part of the tree structure, not a leaf).  ``rng`` is
-    raw ``uint32`` key data (``jax.random.key_data``) so it can be checkpointed.
+    The master weights, their EMA and the AdamW moments are stored flat: one
+    float32 vector each, laid out by the static ``layout``
+    (:class:`pixeldit.flat.ParamLayout`; this keeps the optimiser to a handful of
+    XLA kernels, see :mod:`pixeldit.flat`).  :attr:`params` and
+    :attr:`ema_params` give the per-leaf ``nnx.State`` views the model uses.
+    ``graphdef`` and ``layout`` are static (part of the tree structure, not
+    leaves).  ``rng`` is raw ``uint32`` key data (``jax.random.key_data``) so it
+    can be checkpointed.
     """
 
     step: jax.Array
-    params: nnx.State
-    ema_params: nnx.State
+    flat_params: jax.Array
+    flat_ema: jax.Array
     opt_state: Any
     rng: jax.Array
     model_state: nnx.State
     graphdef: Any = struct.field(pytree_node=False)
+    layout: ParamLayout = struct.field(pytree_node=False)
 
+    @property
+    def params(self) -> nnx.State:
+        """Per-leaf float32 master weights (slices of ``flat_params``: a copy outside ``jit``)."""
+        return self.layout.unflatten(self.flat_params)
 
-def _to_float32(tree):
-    def cast(a):
-        return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    return jax.tree.map(cast, tree)
-
-
-def _cast_floating(tree, dtype):
-    def cast(a):
-        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    return jax.tree.map(cast, tree)
+    @property
+    def ema_params(self) -> nnx.State:
+        """Per-leaf float32 EMA weights (slices of ``flat_ema``)."""
+        return self.layout.unflatten(self.flat_ema)
 
 
 def _build_model(model_config: Any, seed: int):
@@ -326,20 +335,22 @@ def _build_model(model_config: Any, seed: int):
     return build_model(model_config, rngs=nnx.Rngs(seed))
 
 
-def _state_from_model(model: nnx.Module, train_config: TrainConfig, tx: optax.GradientTransformation, seed) -> TrainState:
+def _state_from_model(
+    model: nnx.Module, train_config: TrainConfig, tx: optax.GradientTransformation, seed, pad_multiple: int = 1
+) -> TrainState:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    params = _to_float32(params)
-    opt_state = tx.init(params)
-    ema = jax.tree.map(jnp.copy, params)
+    layout = ParamLayout.of(params, pad_multiple)
+    flat = layout.flatten(params)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
-        params=params,
-        ema_params=ema,
-        opt_state=opt_state,
+        flat_params=flat,
+        flat_ema=jnp.copy(flat),
+        opt_state=tx.init(flat),
         rng=rng,
         model_state=model_state,
         graphdef=graphdef,
+        layout=layout,
     )
 
 
@@ -352,26 +363,26 @@ def _numerics_key(train_config: TrainConfig, **extra_free) -> TrainConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model_config: Any, train_key: TrainConfig):
+def _jitted_init(model_config: Any, train_key: TrainConfig, pad_multiple: int):
     from pixeldit.model import build_model
 
     tx = make_optimizer(train_key)
 
     def init(seed):
         model = build_model(model_config, rngs=nnx.Rngs(jax.random.key(seed)))
-        return _state_from_model(model, train_key, tx, seed)
+        return _state_from_model(model, train_key, tx, seed, pad_multiple)
 
     return jax.jit(init)
 
 
-def _init_fn(model_config: Any, train_config: TrainConfig):
+def _init_fn(model_config: Any, train_config: TrainConfig, pad_multiple: int = 1):
     """The cached jitted initialiser ``seed -> TrainState`` for ``train_config``.
 
     The optimiser state's structure only depends on whether clipping is on, so every other
     train-config field shares one compiled initialiser.
     """
     key = TrainConfig(grad_clip=None) if train_config.grad_clip is None else TrainConfig()
-    return _jitted_init(model_config, key)
+    return _jitted_init(model_config, key, pad_multiple)
 
 
 def create_train_state(
@@ -380,6 +391,7 @@ def create_train_state(
     *,
     model: nnx.Module | None = None,
     tx: optax.GradientTransformation | None = None,
+    pad_multiple: int = 1,
 ) -> TrainState:
     """Initialise a :class:`TrainState`.
 
@@ -388,18 +400,20 @@ def create_train_state(
     together with the optimiser state (equal to an eager build up to float
     rounding of the initialisers).  ``model`` may be given to use an
     already-built module (e.g. a custom one); it is split, not copied.
-    Parameters are promoted to float32 master weights; the EMA starts as a copy
-    of the parameters; the training RNG is ``fold_in(key(seed), 1)``.
+    Parameters are promoted to float32 master weights, stored flat and padded
+    to a multiple of ``pad_multiple`` elements (see :mod:`pixeldit.flat`); the
+    EMA starts as a copy of the parameters; the training RNG is
+    ``fold_in(key(seed), 1)``.
     """
     if model is None and tx is None:
-        return _init_fn(model_config, train_config)(jnp.asarray(train_config.seed, jnp.int32))
+        return _init_fn(model_config, train_config, pad_multiple)(jnp.asarray(train_config.seed, jnp.int32))
     tx = tx if tx is not None else make_optimizer(train_config)
     if model is None:
         model = _build_model(model_config, train_config.seed)
-    return _state_from_model(model, train_config, tx, train_config.seed)
+    return _state_from_model(model, train_config, tx, train_config.seed, pad_multiple)
 
 
-def abstract_train_state(model_config: Any, train_config: TrainConfig, *, model_fn=None) -> TrainState:
+def abstract_train_state(model_config: Any, train_config: TrainConfig, *, model_fn=None, pad_multiple: int = 1) -> TrainState:
     """Shape/dtype skeleton of :func:`create_train_state` (no allocation).
 
     Leaves are ``jax.ShapeDtypeStruct`` with a single-device sharding; replace
@@ -407,7 +421,7 @@ def abstract_train_state(model_config: Any, train_config: TrainConfig, *, model_
     """
     def make():
         model = model_fn() if model_fn is not None else None
-        return create_train_state(model_config, train_config, model=model)
+        return create_train_state(model_config, train_config, model=model, pad_multiple=pad_multiple)
 
     abstract = jax.eval_shape(make)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -471,10 +485,10 @@ def make_train_step_fn(
             on_trace()
         rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
 
-        def loss_fn(params):
+        def loss_fn(flat_params):
             if cast_dtype is not None:
-                params = _cast_floating(params, cast_dtype)
-            model = nnx.merge(graphdef, params, state.model_state)
+                flat_params = flat_params.astype(cast_dtype)
+            model = nnx.merge(graphdef, state.layout.unflatten(flat_params), state.model_state)
             return flow.flow_matching_loss(
                 model,
                 batch["x"],
@@ -488,15 +502,16 @@ def make_train_step_fn(
                 mask=batch.get("mask"),
             )
 
-        (loss, _aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        # one vector each for the parameters, gradients, moments and EMA (pixeldit.flat)
+        (loss, _aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.flat_params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.flat_params)
+        params = optax.apply_updates(state.flat_params, updates)
+        ema = decay * state.flat_ema + (1.0 - decay) * params
         new_state = state.replace(
             step=state.step + 1,
-            params=params,
-            ema_params=ema,
+            flat_params=params,
+            flat_ema=ema,
             opt_state=opt_state,
             rng=jax.random.key_data(rng),
         )
@@ -646,22 +661,72 @@ def _extra(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "rng": state.rng, "model_state": state.model_state}
 
 
+def _leaf_sharding(flat_sharding: Any):
+    """Sharding of each per-leaf array cut from a flat vector laid out with ``flat_sharding``.
+
+    A vector split over mesh axes gives leaves split over the same axes as FSDP
+    would (:func:`pixeldit.parallel.param_spec`), so converting between the two
+    forms never gathers a whole quantity on one device; otherwise the leaves
+    keep the vector's (replicated or single-device) sharding.
+    """
+    spec = getattr(flat_sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return lambda shape: flat_sharding
+    from pixeldit.parallel import param_spec
+
+    mesh, axes = flat_sharding.mesh, spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    n = math.prod(mesh.shape[a] for a in axes)
+    return lambda shape: jax.sharding.NamedSharding(mesh, param_spec(shape, n, axes, min_size=0))
+
+
+@functools.lru_cache(maxsize=32)
+def _converter(layout: ParamLayout, flat_sharding: Any, to_tree: bool):
+    leaf = _leaf_sharding(flat_sharding)
+    if to_tree:
+        return jax.jit(layout.unflatten, out_shardings=jax.tree.unflatten(layout.treedef, [leaf(s) for s in layout.shapes]))
+    return jax.jit(layout.flatten, out_shardings=flat_sharding)
+
+
+def _map_flat(layout: ParamLayout, fn, tree, *rest):
+    """``tree`` with each flat vector ``a`` (see :meth:`ParamLayout.is_flat`) replaced by ``fn(a, *rest_at_a)``."""
+    return jax.tree.map(lambda a, *r: fn(a, *r) if layout.is_flat(a) else (r[0] if r else a), tree, *rest)
+
+
+def checkpoint_items(state: TrainState) -> dict[str, Any]:
+    """The per-leaf trees a checkpoint stores: ``params``, ``ema_params``, ``opt_state``, ``extra``.
+
+    Each flat vector (parameters, EMA, AdamW moments) is cut back into the
+    model's ``nnx.State`` tree, so checkpoints do not depend on the flat layout,
+    its padding or the mesh.
+    """
+    def tree(flat):
+        return _converter(state.layout, flat.sharding, True)(flat)
+
+    return {
+        "params": tree(state.flat_params),
+        "ema_params": tree(state.flat_ema),
+        "opt_state": _map_flat(state.layout, tree, state.opt_state),
+        "extra": _extra(state),
+    }
+
+
 def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mapping[str, Any]) -> int:
     """Save ``state`` (+ JSON ``meta``) at ``int(state.step)``; blocks until committed.
 
-    Returns the step.  A step that already exists is left untouched.
+    Returns the step.  A step that already exists is left untouched.  The
+    parameters, EMA and optimiser moments are written as per-leaf trees
+    (:func:`checkpoint_items`); converting them briefly holds a second copy of
+    each.
     """
     step = int(jax.device_get(state.step))
     if step in mngr.all_steps():
         return step
     meta = _json_roundtrip(dict(meta, step=step))
+    items = checkpoint_items(state)
     mngr.save(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            ema_params=ocp.args.StandardSave(state.ema_params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            extra=ocp.args.StandardSave(_extra(state)),
+            **{k: ocp.args.StandardSave(v) for k, v in items.items()},
             meta=ocp.args.JsonSave(meta),
         ),
         force=True,
@@ -671,21 +736,34 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mappi
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
-    """Restore a full :class:`TrainState` at ``step`` into ``abstract_state``'s layout."""
+    """Restore a full :class:`TrainState` at ``step`` into ``abstract_state``'s layout.
+
+    Each per-leaf tree is read in the layout its flat vector will have (split
+    over the same mesh axes) and then flattened on the devices.
+    """
+    layout = abstract_state.layout
+
+    def target(a):  # per-leaf restore target of the flat vector ``a``
+        return layout.abstract_tree(a.dtype, _leaf_sharding(a.sharding))
+
     r = mngr.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            ema_params=ocp.args.StandardRestore(abstract_state.ema_params),
-            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            params=ocp.args.StandardRestore(target(abstract_state.flat_params)),
+            ema_params=ocp.args.StandardRestore(target(abstract_state.flat_ema)),
+            opt_state=ocp.args.StandardRestore(_map_flat(layout, target, abstract_state.opt_state)),
             extra=ocp.args.StandardRestore(_extra(abstract_state)),
         ),
     )
+
+    def flat(a, tree):
+        return _converter(layout, a.sharding, False)(tree)
+
     return abstract_state.replace(
         step=r.extra["step"],
-        params=r.params,
-        ema_params=r.ema_params,
-        opt_state=r.opt_state,
+        flat_params=flat(abstract_state.flat_params, r.params),
+        flat_ema=flat(abstract_state.flat_ema, r.ema_params),
+        opt_state=_map_flat(layout, flat, abstract_state.opt_state, r.opt_state),
         rng=r.extra["rng"],
         model_state=r.extra["model_state"],
     )
@@ -955,7 +1033,8 @@ def train(
         shardings = None
         if latest is not None:
             check_compatible(_read_meta(mngr, latest), meta, check_dataset=check_dataset)
-            abstract = abstract_train_state(cfg, tc, model_fn=model_fn)
+            pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
+            abstract = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad)
             if mesh is not None:  # read each device's slice straight into the target layout
                 shardings = parallel.state_shardings(abstract, mesh, fsdp)
                 abstract = parallel.with_shardings(abstract, shardings)
