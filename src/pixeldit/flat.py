@@ -89,9 +89,14 @@ class ParamLayout:
         return jnp.concatenate(parts)
 
     def unflatten(self, flat: jax.Array) -> Any:
-        """Vector -> per-leaf tree (slices, in ``flat``'s dtype); differentiable, see module doc."""
+        """Vector -> per-leaf tree (slices, in ``flat``'s dtype); differentiable, see module doc.
+
+        A ``jax.ShapeDtypeStruct`` gives the abstract tree (:meth:`abstract_tree`).
+        """
         if tuple(flat.shape) != (self.padded_size,):
             raise ValueError(f"expected a flat vector of shape ({self.padded_size},), got {tuple(flat.shape)}")
+        if isinstance(flat, jax.ShapeDtypeStruct):
+            return self.abstract_tree(flat.dtype)
         return jax.tree.unflatten(self.treedef, _unflatten(self, flat))
 
     def abstract_tree(self, dtype=jnp.float32, sharding=None) -> Any:
