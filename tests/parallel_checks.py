@@ -39,6 +39,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -176,6 +177,11 @@ def single(out_path, workdir):
         for a in jax.tree.leaves((fs_state.step, fs_state.rng, fs_state.model_state, fs_state.opt_state[1][0].count))
     )
     fs_step, fs_traces = par.shared_sharded_train_step(fs_state, TC, mesh_f, fsdp=True)
+    hlo = fs_step.lower(fs_state, par.shard_batch(Data().get_batch(0, TC.batch_size), mesh_f)).compile().as_text()
+    res["fsdp_collectives"] = {
+        op: [line.split(" = ")[1].split(f" {op}")[0] for line in hlo.splitlines() if re.search(rf"\b{op}(-start)?\(", line)]
+        for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+    }
     fs, fs_losses = run_steps(fs_step, fs_state, lambda b: par.shard_batch(b, mesh_f))
     res["fsdp_losses"] = fs_losses
     res["fsdp_state_maxdiff"] = maxdiff(ref_host_items, host_state(fs))

@@ -119,6 +119,12 @@ def test_fsdp_step_matches_one_device_and_shards_parameters(single):
     for name, (spec, shard, full) in single["fsdp_specs"].items():
         assert (spec, shard, full) == ("P('fsdp',)", [lay["padded_size"] // 4], [lay["padded_size"]]), name
     assert single["fsdp_replicated_rest"]  # step, RNG, counters, model_state
+    # communication: one all-gather of the parameter vector, the gradients summed by all-reduce
+    # (a reduce-scatter once XLA fuses it with the split), nothing re-split piece by piece
+    coll = single["fsdp_collectives"]
+    assert coll["all-gather"] == [f"f32[{lay['padded_size']}]{{0}}"], coll
+    assert coll["all-reduce"] or coll["reduce-scatter"], coll
+    assert not coll["collective-permute"] and not coll["all-to-all"], coll
     # per-leaf views for checkpoints stay split (largest divisible axis), never gathered on one device
     leaf = single["fsdp_checkpoint_leaf_specs"]["['patch_blocks']['adaLN_modulation']['layers'][0]['kernel'].value"]
     assert leaf == ["P(None, None, 'fsdp')", [2, 32, 48], [2, 32, 192]]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ParamLayout"]
+__all__ = ["ParamLayout", "gather"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,3 +130,32 @@ def _unflatten_bwd(layout, _, cotangents):
 
 
 _unflatten.defvjp(_unflatten_fwd, _unflatten_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather(flat: jax.Array, full: Any, shards: Any) -> jax.Array:
+    """``flat`` laid out as ``full`` (e.g. replicated); its gradient is laid out as ``shards``.
+
+    The FSDP step reads its split parameter vector through this: the forward
+    pass all-gathers the vector once and slices it locally; the backward pass
+    sums the per-device gradients in the ``full`` layout (one all-reduce per
+    group of leaves, on CPU) and each device keeps its part.  Without it, XLA's
+    partitioner re-splits every slice of a vector cut at shard boundaries: on
+    4 CPU devices, 136 all-gathers and 120 collective-permutes per step
+    instead of one all-gather and 3 all-reduces.
+    """
+    return jax.lax.with_sharding_constraint(flat, full)
+
+
+def _gather_fwd(flat, full, shards):
+    return jax.lax.with_sharding_constraint(flat, full), None
+
+
+def _gather_bwd(full, shards, _, cotangent):
+    # Summed in the gathered layout first: constrained straight to ``shards``, the partitioner
+    # splits the weight-gradient GEMMs and gathers their activations instead.
+    cotangent = jax.lax.with_sharding_constraint(cotangent, full)
+    return (jax.lax.with_sharding_constraint(cotangent, shards),)
+
+
+gather.defvjp(_gather_fwd, _gather_bwd)

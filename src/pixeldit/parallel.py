@@ -19,8 +19,9 @@ Layouts
   stores the parameters, their EMA and the AdamW ``mu``/``nu`` as flat vectors
   (:mod:`pixeldit.flat`), zero-padded to a multiple of the FSDP group size (the
   mesh's ``fsdp`` axis if it has one, else the whole mesh) and split evenly
-  over it, ZeRO-3 style; XLA gathers the parameters for the forward pass and
-  reduce-scatters the gradient.  Vectors shorter than ``min_shard_size``
+  over it; the step all-gathers the parameters once for the forward pass and
+  sums the gradient with an all-reduce, of which each device keeps its part
+  (:func:`pixeldit.flat.gather`).  Vectors shorter than ``min_shard_size``
   elements stay replicated.  The batch is still
   split over all mesh axes, so ``"data:2,fsdp:2"`` is hybrid sharding: FSDP
   within pairs of devices, data parallel across pairs.
@@ -356,8 +357,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False, *, min_
     ``abstract_state`` may hold arrays or ``ShapeDtypeStruct``s (only shapes are
     read).  Data parallel: everything replicated.  FSDP: the flat parameter,
     EMA and AdamW-moment vectors (:mod:`pixeldit.flat`) are split evenly over
-    :func:`fsdp_axes` (ZeRO-3 style: the step gathers the parameters and
-    reduce-scatters the gradient); vectors shorter than ``min_shard_size`` or
+    :func:`fsdp_axes` (the step gathers the parameters once and all-reduces
+    the gradient, :func:`pixeldit.flat.gather`); vectors shorter than ``min_shard_size`` or
     whose length does not divide, step, RNG, optimiser counters and
     ``model_state`` replicated.  Create the state with
     ``pad_multiple=fsdp_size(mesh, fsdp)`` so that its vectors divide.
@@ -480,11 +481,17 @@ def make_sharded_train_step(
 
     ``in_shardings=(shardings, batch_sharding(mesh))``, ``out_shardings=
     (shardings, replicated)`` (metrics are replicated scalars, readable on
-    every host).  ``shardings`` comes from :func:`state_shardings`.
+    every host).  ``shardings`` comes from :func:`state_shardings`.  When the
+    parameter vector is split (FSDP), the step gathers it once and
+    all-reduces its gradient (:func:`pixeldit.flat.gather`).
     """
     from pixeldit.train import make_train_step_fn
 
-    fn = make_train_step_fn(graphdef, train_config, tx=tx, compute_dtype=compute_dtype, on_trace=on_trace)
+    split = shardings.flat_params.spec != P()
+    fn = make_train_step_fn(
+        graphdef, train_config, tx=tx, compute_dtype=compute_dtype, on_trace=on_trace,
+        gather_params=(replicated(mesh), shardings.flat_params) if split else None,
+    )
     return jax.jit(
         fn,
         in_shardings=(shardings, batch_sharding(mesh)),

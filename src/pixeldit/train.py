@@ -70,7 +70,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, struct
 
 from pixeldit import flow
-from pixeldit.flat import ParamLayout
+from pixeldit.flat import ParamLayout, gather
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +458,7 @@ def make_train_step_fn(
     tx: optax.GradientTransformation | None = None,
     compute_dtype: str | None = None,
     on_trace: Callable[[], None] | None = None,
+    gather_params: tuple[Any, Any] | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Pure (un-jitted) train step ``(state, batch) -> (new_state, metrics)``.
 
@@ -467,6 +468,9 @@ def make_train_step_fn(
     defaults to ``train_config.compute_dtype`` or float32; with bfloat16 the
     float32 master parameters are cast to bfloat16 inside the loss.
     ``on_trace`` is called each time the function is traced (retrace checks).
+    ``gather_params=(full, shards)`` (FSDP, see :func:`pixeldit.flat.gather`):
+    the parameter vector is gathered to sharding ``full`` before the forward
+    pass and its gradient comes back in sharding ``shards``.
     """
     tx = tx if tx is not None else make_optimizer(train_config)
     schedule = lr_schedule(train_config)
@@ -486,6 +490,8 @@ def make_train_step_fn(
         rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
 
         def loss_fn(flat_params):
+            if gather_params is not None:
+                flat_params = gather(flat_params, *gather_params)
             if cast_dtype is not None:
                 flat_params = flat_params.astype(cast_dtype)
             model = nnx.merge(graphdef, state.layout.unflatten(flat_params), state.model_state)
