@@ -358,14 +358,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False, *, min_
     read).  Data parallel: everything replicated.  FSDP: the flat parameter,
     EMA and AdamW-moment vectors (:mod:`pixeldit.flat`) are split evenly over
     :func:`fsdp_axes` (the step gathers the parameters once and all-reduces
-    the gradient, :func:`pixeldit.flat.gather`); vectors shorter than ``min_shard_size`` or
-    whose length does not divide, step, RNG, optimiser counters and
-    ``model_state`` replicated.  Create the state with
+    the gradient, :func:`pixeldit.flat.gather`); vectors shorter than
+    ``min_shard_size`` or whose length does not divide, step, RNG, optimiser
+    counters and ``model_state`` replicated.  Create the state with
     ``pad_multiple=fsdp_size(mesh, fsdp)`` so that its vectors divide.
     """
     repl = replicated(mesh)
     axes = fsdp_axes(mesh, fsdp)
-    n = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    n = fsdp_size(mesh, fsdp)
     layout = abstract_state.layout
 
     def leaf(a):

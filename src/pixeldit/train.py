@@ -18,8 +18,7 @@ Design
   one vector each (:mod:`pixeldit.flat`: the optimiser and EMA then compile to
   a handful of kernels); ``state.params`` / ``state.ema_params`` are the
   per-leaf ``nnx.State`` views, and checkpoints hold per-leaf trees.
-* Master weights, the EMA and the AdamW moments are float32.  With a bfloat16
-  compute dtype the float32 parameters are cast to bfloat16 inside the loss
+* With a bfloat16 compute dtype the float32 parameters are cast to bfloat16 inside the loss
   (gradients therefore arrive in float32); activations follow the model
   config's ``dtype``.
 * Checkpoints are written with orbax ``CheckpointManager`` (synchronously).  On
