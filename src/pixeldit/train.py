@@ -428,19 +428,22 @@ def abstract_train_state(model_config: Any, train_config: TrainConfig, *, model_
 
 
 def train_model(state: TrainState) -> nnx.Module:
-    """Model view of the current (non-EMA) parameters of ``state``.
+    """Model with the current (non-EMA) parameters of ``state``.
 
-    The module shares the state's buffers: do not use it after ``state`` has
-    been donated to the next train step.
+    Its parameters are copies (cut from the flat vector), but its
+    non-trainable variables share ``state.model_state``'s buffers: do not use
+    it after ``state`` has been donated to the next train step.
     """
     return nnx.merge(state.graphdef, state.params, state.model_state)
 
 
 def ema_model(state: TrainState) -> nnx.Module:
-    """Model view of the EMA parameters of ``state`` (for sampling/eval).
+    """Model with the EMA parameters of ``state`` (for sampling/eval).
 
-    The module shares the state's buffers: do not use it after ``state`` has
-    been donated to the next train step (copy it with ``nnx.clone`` if needed).
+    Its parameters are copies (cut from the flat vector), but its
+    non-trainable variables share ``state.model_state``'s buffers: do not use
+    it after ``state`` has been donated to the next train step (copy it with
+    ``nnx.clone`` if needed).
     """
     return nnx.merge(state.graphdef, state.ema_params, state.model_state)
 
