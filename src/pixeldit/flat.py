@@ -83,10 +83,7 @@ class ParamLayout:
         if got != self.shapes:
             wrong = [(i, s, g) for i, (s, g) in enumerate(zip(self.shapes, got)) if s != g][:3]
             raise ValueError(f"parameter shapes do not match the layout: (leaf, expected, got) {wrong}")
-        parts = [jnp.ravel(a).astype(dtype) for a in leaves]
-        if self.padded_size > self.size:
-            parts.append(jnp.zeros((self.padded_size - self.size,), dtype))
-        return jnp.concatenate(parts)
+        return _join(self, leaves, dtype)
 
     def unflatten(self, flat: jax.Array) -> Any:
         """Vector -> per-leaf tree (slices, in ``flat``'s dtype); differentiable, see module doc.
@@ -107,6 +104,14 @@ class ParamLayout:
         )
 
 
+def _join(layout: ParamLayout, leaves: list, dtype) -> jax.Array:
+    """The leaves raveled, cast to ``dtype``, concatenated and zero-padded to ``padded_size``."""
+    parts = [jnp.ravel(a).astype(dtype) for a in leaves]
+    if layout.padded_size > layout.size:
+        parts.append(jnp.zeros((layout.padded_size - layout.size,), dtype))
+    return jnp.concatenate(parts)
+
+
 def _slices(layout: ParamLayout, flat: jax.Array) -> list[jax.Array]:
     o = layout.offsets
     return [jax.lax.slice(flat, (o[i],), (o[i + 1],)).reshape(s) for i, s in enumerate(layout.shapes)]
@@ -122,11 +127,7 @@ def _unflatten_fwd(layout, flat):
 
 
 def _unflatten_bwd(layout, _, cotangents):
-    dtype = cotangents[0].dtype
-    parts = [jnp.ravel(c).astype(dtype) for c in cotangents]
-    if layout.padded_size > layout.size:
-        parts.append(jnp.zeros((layout.padded_size - layout.size,), dtype))
-    return (jnp.concatenate(parts),)
+    return (_join(layout, cotangents, cotangents[0].dtype),)
 
 
 _unflatten.defvjp(_unflatten_fwd, _unflatten_bwd)
