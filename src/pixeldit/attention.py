@@ -2,11 +2,17 @@
 
 Both follow the reference exactly: bias-free qkv projection, per-head RMSNorm on q and k
 (over ``head_dim``) *before* RoPE, softmax scale ``1/sqrt(head_dim)``, output projection with
-bias.  The attention itself is ``jax.nn.dot_product_attention`` (XLA on CPU, cuDNN flash
-attention where available), with tensors laid out ``(B, tokens, heads, head_dim)`` as it expects.
+bias.  The attention itself is ``jax.nn.dot_product_attention``, with tensors laid out
+``(B, tokens, heads, head_dim)`` as it expects.  Its implementation is chosen per call by
+:func:`attention_implementation`: cuDNN flash attention on a GPU for bfloat16/float16 inputs
+without a key mask, XLA's attention otherwise (JAX's own default, ``implementation=None``, is
+XLA everywhere).  ``PIXELDIT_ATTENTION=xla`` or ``=cudnn`` overrides the choice.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +30,42 @@ def _split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, 
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
+ATTENTION_ENV = "PIXELDIT_ATTENTION"
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(q: jax.Array, mask: jax.Array | None = None, *, backend: str | None = None) -> str:
+    """``"cudnn"`` or ``"xla"``: the ``jax.nn.dot_product_attention`` implementation used for ``q``.
+
+    ``auto`` (the default of ``$PIXELDIT_ATTENTION``) takes cuDNN's flash attention when the
+    backend is a GPU, ``q`` is bfloat16 or float16, ``head_dim`` is a multiple of 8 up to 128
+    and no key mask is given (the masked MMDiT joint attention stays on XLA); XLA otherwise,
+    so float32 runs, the golden parity tests among them, always use XLA's exact softmax.
+    """
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"${ATTENTION_ENV} must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    backend = backend or jax.default_backend()
+    head_dim = q.shape[-1]
+    eligible = (backend in ("gpu", "cuda") and jnp.dtype(q.dtype) in _CUDNN_DTYPES and mask is None
+                and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if eligible else "xla"
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Scaled dot-product attention over ``(B, N, heads, head_dim)``; ``mask`` ``(B, S)`` marks valid keys."""
     bias_mask = None if mask is None else mask[:, None, None, :].astype(bool)
-    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask)
+    impl = attention_implementation(q, mask)
+    if impl == "cudnn" and os.environ.get(ATTENTION_ENV, "auto").strip().lower() != "cudnn":
+        try:  # cuDNN checks its own limits (GPU generation, shapes) while tracing
+            return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's attention", stacklevel=2)
+            impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation=impl)
 
 
 class RotaryAttention(nnx.Module):

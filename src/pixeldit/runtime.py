@@ -99,7 +99,7 @@ def settings(env: MutableMapping[str, str] = os.environ) -> dict[str, str | None
     """The runtime settings in effect (for benchmark records and ``pixeldit env``)."""
     cache = None if _off(env.get("JAX_ENABLE_COMPILATION_CACHE")) else env.get("JAX_COMPILATION_CACHE_DIR") or None
     return {"xla_flags": env.get("XLA_FLAGS") or None, "glibc_tunables": env.get("GLIBC_TUNABLES") or None,
-            "compilation_cache_dir": cache}
+            "compilation_cache_dir": cache, "attention": env.get("PIXELDIT_ATTENTION") or "auto"}
 
 
 def compilation_cache_dir(env: MutableMapping[str, str] = os.environ) -> Path | None:
