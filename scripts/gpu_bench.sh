@@ -1,51 +1,58 @@
 #!/usr/bin/env bash
-# One prepared benchmark run on a lent GPU (see docs/PERF_NOTES.md, "GPU").
+# Prepared benchmark runs on a lent GPU (docs/PERF_NOTES.md, "GPU"): one call, one budget.
 #
-# Runs on the device machine's own Python (jax with its CUDA plugin); when that machine's flax
-# or optax cannot run the package, it falls back to the tested versions carried in .whl/.
-# Everything it prints also goes to $OUT/gpu_bench.log; each benchmark's JSON to $OUT.
-# Usage (device root of this repo): bash scripts/gpu_bench.sh [seconds-budget]
+#   bash scripts/gpu_bench.sh BUDGET_S [VARIANT ...]
+#
+# Each VARIANT is a string of `pixeldit bench` options for the xl16-256 preset, optionally
+# prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 64"); the default list
+# is the preset itself, then --remat false at batch 32 and 64.  A variant starts only when the
+# budget left is at least 1.2x the first one's duration.  With CHECKS=1 (default) it first runs
+# the tiny preset and the cuDNN-vs-XLA attention test; when the machine's own flax/optax cannot
+# run the package it falls back to the tested versions carried in .whl/.  Everything printed
+# goes to $OUT/gpu_bench.log, each result's JSON to $OUT/<variant>.json; a variant with
+# --profile DIR also leaves DIR's Perfetto trace and train-step HLO in $OUT.
 set -u
-BUDGET=${1:-300}
+BUDGET=${1:-300}; shift || true
+if [ $# -eq 0 ]; then set -- "" "--remat false" "--batch 64 --remat false"; fi
 OUT=${OUT:-/tmp/pixeldit-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 left() { echo $((BUDGET - SECONDS)); }
+show() { $PY -c "import json,sys; from pixeldit.bench import format_result; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print(format_result(r)); print('cudnn attention calls', r['cudnn_attention_calls'], '| remat', r['remat'], '| unroll', r['scan_unroll'], '| attention', r['attention'])" "$1"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
 
-if ! timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json"; then
-  echo "== tiny bench failed on the machine's packages; retrying with the carried wheels"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="$PWD/src:/tmp/site"
-  timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json" || exit 1
+if [ "${CHECKS:-1}" = 1 ]; then
+  if ! timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json"; then
+    echo "== tiny bench failed on the machine's packages; retrying with the carried wheels"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="$PWD/src:/tmp/site"
+    timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json" || exit 1
+  fi
+  echo "== cuDNN attention vs XLA ($(left) s left)"
+  if ! timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_rope_attention.py -k "cudnn or attention_implementation" > "$OUT/attention_test.log" 2>&1; then
+    echo "== cuDNN attention check failed: benchmarks run with PIXELDIT_ATTENTION=xla"; export PIXELDIT_ATTENTION=xla
+  fi
+  tail -n 3 "$OUT/attention_test.log"
 fi
-tail -n 1 "$OUT/tiny.json"
 
-echo "== cuDNN attention vs XLA ($(left) s left)"
-if ! timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_rope_attention.py -k "cudnn or attention_implementation" > "$OUT/attention_test.log" 2>&1; then
-  echo "== cuDNN attention check failed: benchmarks run with PIXELDIT_ATTENTION=xla"; export PIXELDIT_ATTENTION=xla
-fi
-tail -n 3 "$OUT/attention_test.log"
-show() { $PY -c "import json,sys; from pixeldit.bench import format_result; r=json.loads(open(sys.argv[1]).read().splitlines()[-1]); print(format_result(r)); print('cudnn attention calls', r['cudnn_attention_calls'], '| remat', r['remat'])" "$1"; }
-
-echo "== xl16-256, batch 32 ($(left) s left)"
-T0=$SECONDS
-timeout $(( $(left) - 5 )) $PY -m pixeldit bench --preset xl16-256 --json > "$OUT/xl16-256-b32.json" && show "$OUT/xl16-256-b32.json"
-T1=$(( SECONDS - T0 ))  # one xl16-256 benchmark's duration
-
-for variant in "--remat false" "--batch 64 --remat false"; do
-  if [ "$(left)" -gt $(( T1 * 12 / 10 )) ]; then  # only what should finish
-    name=xl16-256$(echo "$variant" | tr -d ' -')
-    echo "== xl16-256 $variant ($(left) s left)"
-    timeout $(( $(left) - 5 )) $PY -m pixeldit bench --preset xl16-256 $variant --json > "$OUT/$name.json" && show "$OUT/$name.json"
+FIRST=""
+for variant in "$@"; do
+  if [ -n "$FIRST" ] && [ "$(left)" -lt $(( FIRST * 12 / 10 )) ]; then echo "== skipped: $variant"; continue; fi
+  name=xl16-256$(echo "$variant" | tr -c 'A-Za-z0-9_\n' '_' | tr -s '_')
+  envs=(); opts=()
+  for tok in $variant; do case $tok in *=*) envs+=("$tok");; *) opts+=("$tok");; esac; done
+  echo "== xl16-256 $variant ($(left) s left)"
+  T0=$SECONDS
+  env "${envs[@]}" timeout $(( $(left) - 5 )) $PY -m pixeldit bench --preset xl16-256 "${opts[@]}" --json > "$OUT/$name.json" && show "$OUT/$name.json"
+  FIRST=${FIRST:-$(( SECONDS - T0 ))}
+  prof=$(echo "$variant" | sed -n 's/.*--profile \([^ ]*\).*/\1/p')
+  if [ -n "$prof" ]; then
+    cp "$(find "$prof" -name perfetto_trace.json.gz | head -n 1)" "$OUT/$name.perfetto_trace.json.gz"
+    gzip -c "$prof/train_step.hlo.txt" > "$OUT/$name.train_step.hlo.txt.gz"
   fi
 done
-if [ "$(left)" -gt 40 ]; then
-  echo "== s8-64 ($(left) s left)"
-  timeout $(( $(left) - 5 )) $PY -m pixeldit bench --preset s8-64 --json > "$OUT/s8-64.json" && tail -n 1 "$OUT/s8-64.json"
-fi
 echo "== done in $SECONDS s"

@@ -18,9 +18,11 @@ Named presets (``PRESETS``):
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -81,9 +83,33 @@ def count_flops(fn: Callable, *args) -> float:
     """FLOPs of ``fn(*args)`` from XLA's cost analysis of the lowered (uncompiled) HLO.
 
     XLA counts a ``while`` loop body once, so callers pass a model whose block stacks are
-    fully unrolled (``scan_unroll=True``) to count every block.
+    fully unrolled (``scan_unroll=True``) to count every block.  The program is lowered for
+    the CPU whatever the default backend (accelerator plugins report no cost analysis before
+    compiling), with XLA's attention, whose two matrix products are counted exactly; so every
+    backend divides its time by the same FLOP count.  Only shapes are used: ``args`` may be
+    arrays or ``jax.ShapeDtypeStruct``.
     """
-    cost = jax.jit(fn).lower(*args).cost_analysis()
+    from pixeldit.attention import ATTENTION_ENV  # noqa: PLC0415
+
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it): lower for the default one
+        cpu = None
+
+    def on_cpu(a):
+        if cpu is not None and hasattr(a, "shape") and hasattr(a, "dtype"):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)
+        return a
+
+    saved = os.environ.get(ATTENTION_ENV)
+    os.environ[ATTENTION_ENV] = "xla"
+    try:
+        cost = jax.jit(fn).lower(*jax.tree.map(on_cpu, args)).cost_analysis()
+    finally:
+        if saved is None:
+            os.environ.pop(ATTENTION_ENV, None)
+        else:
+            os.environ[ATTENTION_ENV] = saved
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", float("nan")))
@@ -118,8 +144,15 @@ def _peak_memory() -> float | None:
 
 
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
-                  remat: bool | None = None, steps_for_sampling: int = 1) -> dict[str, Any]:
-    """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict."""
+                  remat: bool | str | None = None, scan_unroll: int | bool | None = None,
+                  profile_dir: str | None = None) -> dict[str, Any]:
+    """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict.
+
+    ``remat`` and ``scan_unroll`` override the preset's model settings.  ``profile_dir``: after
+    the timings, three more train steps run under ``jax.profiler.trace`` into that folder
+    (TensorBoard/XProf profile plus a Perfetto ``perfetto_trace.json.gz``) and the optimised HLO
+    of the train step into ``train_step.hlo.txt`` (``scripts/trace_summary.py`` reads both).
+    """
     from pixeldit.train import (  # noqa: PLC0415
         TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch)
 
@@ -127,12 +160,13 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(PRESETS)}")
     bp = PRESETS[name]()
     cfg = bp.model if remat is None else bp.model.replace(remat=remat)
+    cfg = cfg if scan_unroll is None else cfg.replace(scan_unroll=scan_unroll)
     b = batch_size or bp.batch_size
     h, w = bp.image_size
     result: dict[str, Any] = {
         "preset": name, "description": bp.description, "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-        "batch_size": b, "image_size": [h, w], "dtype": cfg.dtype, "remat": cfg.remat,
+        "batch_size": b, "image_size": [h, w], "dtype": cfg.dtype, "remat": cfg.remat, "scan_unroll": cfg.scan_unroll,
         "jax_version": jax.__version__, **runtime_settings(),
     }
     early = matmul_rate()
@@ -191,6 +225,13 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
     result["train_step_ms"] = sec * 1e3
     result["train_step_gflops_per_s"] = result["gflops_train_step"] / sec
     result["peak_memory_gib"] = _peak_memory()
+    if profile_dir is not None:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                one_step()
+        # the optimised program, to read the profile's fusion names against
+        (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
+        result["profile_dir"] = str(profile_dir)
 
     # The ceiling is measured before and after the model timings; the higher one is kept, so a
     # slow moment of a shared machine cannot make the model look closer to the ceiling.

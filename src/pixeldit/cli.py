@@ -255,6 +255,10 @@ def bench(
     repeats: int = typer.Option(5, "--repeats", help="Timed repeats after warm-up (medians are reported)."),
     remat: Optional[str] = typer.Option(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
+    scan_unroll: Optional[str] = typer.Option(
+        None, "--scan-unroll", help="Unroll of the scanned block stacks: a positive integer or 'full' (default: 1)."),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", help="Also trace three train steps with jax.profiler into this folder (Perfetto trace)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
     """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate.
@@ -267,10 +271,20 @@ def bench(
     if remat is not None and remat.lower() not in modes:
         raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
 
+    unroll: int | bool | None = None
+    if scan_unroll is not None:
+        if scan_unroll.strip().lower() == "full":
+            unroll = True
+        elif scan_unroll.strip().isdigit() and int(scan_unroll) > 0:
+            unroll = int(scan_unroll)
+        else:
+            raise typer.BadParameter(f"--scan-unroll must be a positive integer or 'full', got {scan_unroll!r}")
+
     def go():
         try:
             return run_benchmark(preset, batch_size=batch, repeats=repeats,
-                                 remat=None if remat is None else modes[remat.lower()])
+                                 remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
+                                 profile_dir=None if profile is None else str(profile))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 
