@@ -68,6 +68,8 @@ def main() -> None:
     for e in spans:
         a = e.get("args", {})
         op = a.get("hlo_op") or a.get("long_name") or e["name"]
+        if op.startswith("command_buffer"):  # a CUDA graph of many kernels: name them one by one
+            op = e["name"]
         dur = float(e.get("dur", 0.0)) / 1e3  # ms
         by_stream[threads.get((e["pid"], e.get("tid")), str(e.get("tid")))] += dur
         by_op[op] += dur
