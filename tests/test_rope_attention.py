@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import golden
-from pixeldit.attention import ATTENTION_ENV, RotaryAttention, attend, attention_implementation
+from pixeldit.attention import ATTENTION_ENV, RotaryAttention, attend, attention_implementation, use_attention
 from pixeldit.convert import load_reference_state_dict
 from pixeldit.rope import apply_rope, rope_1d_angles, rope_2d_angles
 
@@ -100,6 +100,13 @@ def test_attention_implementation_override_and_bad_value(monkeypatch):
     monkeypatch.setenv(ATTENTION_ENV, "flash")
     with pytest.raises(ValueError, match="PIXELDIT_ATTENTION.*'flash'"):
         attention_implementation(q)
+    monkeypatch.setenv(ATTENTION_ENV, "cudnn")
+    with use_attention("xla"):  # the context wins over the environment, and is undone after
+        assert attention_implementation(q.astype(jnp.bfloat16), backend="gpu") == "xla"
+    assert attention_implementation(q, backend="cpu") == "cudnn"
+    with pytest.raises(ValueError, match="'xla' or 'cudnn'.*'auto'"):
+        with use_attention("auto"):
+            pass
 
 
 def test_attend_matches_explicit_softmax_with_mask():

@@ -11,8 +11,10 @@ XLA everywhere).  ``PIXELDIT_ATTENTION=xla`` or ``=cudnn`` overrides the choice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,32 @@ def _split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, 
 ATTENTION_ENV = "PIXELDIT_ATTENTION"
 ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_forced: list[str | None] = [None]  # set by use_attention()
+
+
+@contextlib.contextmanager
+def use_attention(implementation: str) -> Iterator[None]:
+    """Trace attention inside the block with ``"xla"`` or ``"cudnn"``, whatever ``$PIXELDIT_ATTENTION`` says.
+
+    (``pixeldit.bench.count_flops`` lowers with XLA's attention on every backend.)
+    """
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"implementation must be 'xla' or 'cudnn', got {implementation!r}")
+    previous, _forced[0] = _forced[0], implementation
+    try:
+        yield
+    finally:
+        _forced[0] = previous
+
+
+def _requested() -> str:
+    """The implementation asked for: :func:`use_attention`'s, else ``$PIXELDIT_ATTENTION``'s (default auto)."""
+    if _forced[0] is not None:
+        return _forced[0]
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"${ATTENTION_ENV} must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    return choice
 
 
 def attention_implementation(q: jax.Array, mask: jax.Array | None = None, *, backend: str | None = None) -> str:
@@ -43,9 +71,7 @@ def attention_implementation(q: jax.Array, mask: jax.Array | None = None, *, bac
     and no key mask is given (the masked MMDiT joint attention stays on XLA); XLA otherwise,
     so float32 runs, the golden parity tests among them, always use XLA's exact softmax.
     """
-    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"${ATTENTION_ENV} must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    choice = _requested()
     if choice != "auto":
         return choice
     backend = backend or jax.default_backend()
@@ -56,13 +82,19 @@ def attention_implementation(q: jax.Array, mask: jax.Array | None = None, *, bac
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Scaled dot-product attention over ``(B, N, heads, head_dim)``; ``mask`` ``(B, S)`` marks valid keys."""
+    """Scaled dot-product attention over ``(B, N, heads, head_dim)``; ``mask`` ``(B, S)`` marks valid keys.
+
+    When ``auto`` chose cuDNN and cuDNN refuses while tracing (an older GPU, an unsupported
+    shape), this warns and uses XLA's attention; an explicit ``cudnn`` request raises instead.
+    """
     bias_mask = None if mask is None else mask[:, None, None, :].astype(bool)
     impl = attention_implementation(q, mask)
-    if impl == "cudnn" and os.environ.get(ATTENTION_ENV, "auto").strip().lower() != "cudnn":
-        try:  # cuDNN checks its own limits (GPU generation, shapes) while tracing
+    if impl == "cudnn":
+        try:
             return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation="cudnn")
         except (RuntimeError, ValueError, NotImplementedError) as e:
+            if _requested() == "cudnn":
+                raise
             warnings.warn(f"cuDNN attention unavailable ({e}); using XLA's attention", stacklevel=2)
             impl = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation=impl)

@@ -18,7 +18,6 @@ Named presets (``PRESETS``):
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit.attention import use_attention
 from pixeldit.model import C2IConfig, build_model, preset
 from pixeldit.runtime import settings as runtime_settings
 
@@ -89,8 +89,6 @@ def count_flops(fn: Callable, *args) -> float:
     backend divides its time by the same FLOP count.  Only shapes are used: ``args`` may be
     arrays or ``jax.ShapeDtypeStruct``.
     """
-    from pixeldit.attention import ATTENTION_ENV  # noqa: PLC0415
-
     try:
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     except RuntimeError:  # no CPU backend (JAX_PLATFORMS excludes it): lower for the default one
@@ -101,15 +99,8 @@ def count_flops(fn: Callable, *args) -> float:
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)
         return a
 
-    saved = os.environ.get(ATTENTION_ENV)
-    os.environ[ATTENTION_ENV] = "xla"
-    try:
+    with use_attention("xla"):
         cost = jax.jit(fn).lower(*jax.tree.map(on_cpu, args)).cost_analysis()
-    finally:
-        if saved is None:
-            os.environ.pop(ATTENTION_ENV, None)
-        else:
-            os.environ[ATTENTION_ENV] = saved
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", float("nan")))
