@@ -33,7 +33,7 @@ if [ "${CHECKS:-1}" = 1 ]; then
     timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json" || exit 1
   fi
   echo "== cuDNN attention vs XLA ($(left) s left)"
-  if ! timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_rope_attention.py -k "cudnn or attention_implementation" > "$OUT/attention_test.log" 2>&1; then
+  if ! timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention_backend.py > "$OUT/attention_test.log" 2>&1; then
     echo "== cuDNN attention check failed: benchmarks run with PIXELDIT_ATTENTION=xla"; export PIXELDIT_ATTENTION=xla
   fi
   tail -n 3 "$OUT/attention_test.log"
