@@ -6,10 +6,12 @@
 # Each VARIANT is a string of `pixeldit bench` options for the xl16-256 preset, optionally
 # prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 64"); the default list
 # is the preset itself, then its stacks unrolled at batch 32 and 64 (the H200's fastest settings,
-# docs/PERF_NOTES.md).  A variant starts only when the
-# budget left is at least 1.2x the first one's duration.  With CHECKS=1 (default) it first runs
+# docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
+# one's duration.  With CHECKS=1 (default) it first runs
 # the tiny preset and the cuDNN-vs-XLA attention test; when the machine's own flax/optax cannot
-# run the package it falls back to the tested versions carried in .whl/.  Everything printed
+# run the package it falls back to the tested versions carried in .whl/ (made beforehand with
+# `pip download --no-deps --only-binary=:all: -d .whl flax==0.12.8 optax==0.2.8
+# orbax-checkpoint==0.12.8`; without it, that fallback stops the script).  Everything printed
 # goes to $OUT/gpu_bench.log, each result's JSON to $OUT/<variant>.json; a variant with
 # --profile DIR also leaves DIR's Perfetto trace and train-step HLO in $OUT.
 set -u
