@@ -23,6 +23,7 @@ from jax.typing import DTypeLike
 
 from pixeldit.modules import RMSNorm, linear
 from pixeldit.rope import apply_rope
+from pixeldit.runtime import ATTENTION_ENV
 
 
 def _split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -32,7 +33,6 @@ def _split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, 
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-ATTENTION_ENV = "PIXELDIT_ATTENTION"
 ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _forced: list[str | None] = [None]  # set by use_attention()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import MutableMapping, Sequence
 
 __all__ = [
+    "ATTENTION_ENV",
     "CPU_XLA_FLAGS",
     "HUGEPAGE_TUNABLE",
     "compilation_cache_dir",
@@ -53,6 +54,7 @@ CPU_XLA_FLAGS: tuple[str, ...] = (
 )
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 _OPT_OUT = "PIXELDIT_HOST_TUNING"
+ATTENTION_ENV = "PIXELDIT_ATTENTION"  # auto | xla | cudnn (pixeldit.attention)
 _CACHE_ENV = "PIXELDIT_COMPILATION_CACHE"  # "0" turns the cache off; a path puts it there
 CACHE_MAX_BYTES = 2 * 2**30  # least recently used programs are evicted beyond this
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
@@ -99,7 +101,7 @@ def settings(env: MutableMapping[str, str] = os.environ) -> dict[str, str | None
     """The runtime settings in effect (for benchmark records and ``pixeldit env``)."""
     cache = None if _off(env.get("JAX_ENABLE_COMPILATION_CACHE")) else env.get("JAX_COMPILATION_CACHE_DIR") or None
     return {"xla_flags": env.get("XLA_FLAGS") or None, "glibc_tunables": env.get("GLIBC_TUNABLES") or None,
-            "compilation_cache_dir": cache, "attention": env.get("PIXELDIT_ATTENTION") or "auto"}
+            "compilation_cache_dir": cache, "attention": env.get(ATTENTION_ENV) or "auto"}
 
 
 def compilation_cache_dir(env: MutableMapping[str, str] = os.environ) -> Path | None:
