@@ -4,9 +4,9 @@
 #   bash scripts/gpu_bench.sh BUDGET_S [VARIANT ...]
 #
 # Each VARIANT is a string of `pixeldit bench` options for the xl16-256 preset, optionally
-# prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 64"); the default list
-# is the preset itself, then its stacks unrolled at batch 32 and 64 (the H200's fastest settings,
-# docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
+# prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 32"); the default list
+# is the preset itself (batch 64, stacks unrolled by scan_unroll="auto"), then batch 32, then the
+# stacks as a loop (docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
 # one's duration.  With CHECKS=1 (default) it first runs
 # the tiny preset and the cuDNN-vs-XLA attention test; when the machine's own flax/optax cannot
 # run the package it falls back to the tested versions carried in .whl/ (made beforehand with
@@ -16,7 +16,7 @@
 # --profile DIR also leaves DIR's Perfetto trace and train-step HLO in $OUT.
 set -u
 BUDGET=${1:-300}; shift || true
-if [ $# -eq 0 ]; then set -- "" "--scan-unroll full" "--scan-unroll full --batch 64"; fi
+if [ $# -eq 0 ]; then set -- "" "--batch 32" "--scan-unroll 1"; fi
 OUT=${OUT:-/tmp/pixeldit-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1

@@ -35,7 +35,7 @@ def test_bench_rejects_unknown_remat_mode():
 def test_bench_rejects_bad_scan_unroll():
     res = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--scan-unroll", "0"])
     assert res.exit_code != 0
-    assert "--scan-unroll must be a positive integer or 'full'" in res.output and "'0'" in res.output
+    assert "--scan-unroll must be a positive integer, 'full' or 'auto'" in res.output and "'0'" in res.output
 
 
 def test_count_flops_uses_shapes_only_and_counts_matmuls_exactly():

@@ -20,6 +20,7 @@ from pixeldit.model import (
     config_from_dict,
     count_params,
     preset,
+    resolve_scan_unroll,
 )
 
 TINY = {
@@ -246,6 +247,35 @@ def test_remat_gives_same_gradients(mode):
     g2 = jax.tree.leaves(grad(m2, x, t, y))
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("unroll", [True, 2])
+def test_unrolled_stacks_give_same_outputs_and_gradients(unroll):
+    """The block stacks as one loop (scan_unroll=1) and unrolled compute the same function."""
+    cfg = TINY["c2i"].replace(scan_unroll=1)
+    m1 = build_model(cfg, rngs=nnx.Rngs(0))
+    _randomise(m1)
+    m2 = build_model(cfg.replace(scan_unroll=unroll), rngs=nnx.Rngs(0))
+    nnx.update(m2, nnx.state(m1, nnx.Param))
+    x, t, y = _inputs("c2i")
+    np.testing.assert_allclose(np.asarray(m1(x, t, y)), np.asarray(m2(x, t, y)), rtol=1e-5, atol=1e-6)
+    grad = nnx.jit(nnx.grad(_loss))
+    for a, b in zip(jax.tree.leaves(grad(m1, x, t, y)), jax.tree.leaves(grad(m2, x, t, y))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_unroll_auto_unrolls_on_accelerators_only(monkeypatch):
+    assert TINY["c2i"].scan_unroll == "auto"  # the default
+    assert resolve_scan_unroll(3) == 3 and resolve_scan_unroll(True) is True
+    for backend, expected in [("cpu", 1), ("gpu", True), ("tpu", True)]:
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert resolve_scan_unroll("auto") == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, "full", 1.5])
+def test_scan_unroll_is_checked(bad):
+    with pytest.raises(ValueError, match=r"scan_unroll must be \"auto\", true, false or an integer >= 1, got"):
+        TINY["c2i"].replace(scan_unroll=bad)
 
 
 def test_remat_mode_is_checked():

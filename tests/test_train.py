@@ -306,6 +306,13 @@ def test_incompatible_checkpoint_refused(tmp_path):
         T.train(CFG, tc(steps=4, p_uncond=0.5), ToyDataset(seed=5), tmp_path, progress=False, check_dataset=False)
 
 
+def test_compute_layout_fields_may_change_on_resume():
+    """remat and scan_unroll change how the model is computed, not its parameters: resume allows them."""
+    meta = {"model_config": CFG.to_dict(), "train_config": tc(steps=2).to_dict()}
+    new = {"model_config": CFG.replace(remat=False, scan_unroll=True).to_dict(), "train_config": tc(steps=4).to_dict()}
+    T.check_compatible(meta, new)
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from orbax.checkpoint._src.path import atomicity
 

@@ -256,7 +256,9 @@ def bench(
     remat: Optional[str] = typer.Option(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     scan_unroll: Optional[str] = typer.Option(
-        None, "--scan-unroll", help="Unroll of the scanned block stacks: a positive integer or 'full' (default: 1)."),
+        None, "--scan-unroll",
+        help="Unroll of the block stacks: a positive integer, 'full' or 'auto' (default: the preset's, 'auto': "
+             "fully unrolled on GPU/TPU, a loop on CPU)."),
     profile: Optional[Path] = typer.Option(
         None, "--profile", help="Also trace three train steps with jax.profiler into this folder (Perfetto trace)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
@@ -271,14 +273,16 @@ def bench(
     if remat is not None and remat.lower() not in modes:
         raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
 
-    unroll: int | bool | None = None
+    unroll: int | bool | str | None = None
     if scan_unroll is not None:
         if scan_unroll.strip().lower() == "full":
             unroll = True
+        elif scan_unroll.strip().lower() == "auto":
+            unroll = "auto"
         elif scan_unroll.strip().isdigit() and int(scan_unroll) > 0:
             unroll = int(scan_unroll)
         else:
-            raise typer.BadParameter(f"--scan-unroll must be a positive integer or 'full', got {scan_unroll!r}")
+            raise typer.BadParameter(f"--scan-unroll must be a positive integer, 'full' or 'auto', got {scan_unroll!r}")
 
     def go():
         try:

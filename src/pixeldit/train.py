@@ -116,7 +116,7 @@ RESUME_FREE_TRAIN_FIELDS = frozenset(
     {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat", "mesh", "fsdp"}
 )
 #: Model config fields that may change on resume (memory/compute trade-offs only).
-RESUME_FREE_MODEL_FIELDS = frozenset({"remat"})
+RESUME_FREE_MODEL_FIELDS = frozenset({"remat", "scan_unroll"})
 
 
 # --------------------------------------------------------------------------- #
