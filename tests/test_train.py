@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -304,6 +305,21 @@ def test_incompatible_checkpoint_refused(tmp_path):
     # the dataset check can be switched off; model/training differences cannot
     with pytest.raises(T.IncompatibleCheckpointError, match="p_uncond"):
         T.train(CFG, tc(steps=4, p_uncond=0.5), ToyDataset(seed=5), tmp_path, progress=False, check_dataset=False)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])
+def test_clip_by_global_norm_matches_optax(scale):
+    """The scalar-factor clip gives optax's clipped gradients and the same (empty) state."""
+    g = {"a": jnp.arange(6.0).reshape(2, 3) * scale, "b": jnp.ones(4) * -scale}
+    ours, theirs = T.clip_by_global_norm(2.0), optax.clip_by_global_norm(2.0)
+    assert ours.init(g) == theirs.init(g)
+    u1, _ = ours.update(g, ours.init(g))
+    u2, _ = theirs.update(g, theirs.init(g))
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    assert float(optax.tree.norm(u1)) == pytest.approx(min(2.0, float(optax.tree.norm(g))), rel=1e-6)
+    zero, _ = ours.update(jax.tree.map(jnp.zeros_like, g), ours.init(g))
+    assert all(np.all(np.asarray(z) == 0) for z in jax.tree.leaves(zero))
 
 
 def test_compute_layout_fields_may_change_on_resume():
