@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -16,3 +17,15 @@ _CACHE = Path(os.environ.get("PIXELDIT_TEST_JAX_CACHE", Path(__file__).resolve()
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def reference_precision():
+    """Float32 products in full float32, as the reference computes them, for module-level parity tests.
+
+    A GPU's default float32 matmul runs in TF32 passes (parity errors near 1e-2 on an H200).  Whole
+    models choose full precision for float32 themselves (``pixeldit.model.matmul_precision``);
+    building blocks used alone follow JAX's default, so their golden tests ask for it here.
+    """
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -19,6 +19,7 @@ from pixeldit.model import (
     build_model,
     config_from_dict,
     count_params,
+    matmul_precision,
     preset,
     resolve_scan_unroll,
 )
@@ -276,6 +277,24 @@ def test_scan_unroll_auto_unrolls_on_accelerators_only(monkeypatch):
 def test_scan_unroll_is_checked(bad):
     with pytest.raises(ValueError, match=r"scan_unroll must be \"auto\", true, false or an integer >= 1, got"):
         TINY["c2i"].replace(scan_unroll=bad)
+
+
+def test_float32_models_trace_full_precision_products():
+    """float32 models ask for full-precision products (a GPU's default is TF32); bf16 models and a user's own setting win."""
+    x, t, y = _inputs("c2i")
+
+    def dots(model):
+        text = jax.jit(lambda x, t, y: model(x, t, y)).lower(x, t, y).as_text()
+        return text.count("stablehlo.dot_general"), text.count("HIGHEST")
+
+    m32 = build_model(TINY["c2i"], rngs=nnx.Rngs(0))
+    n, highest = dots(m32)
+    assert n > 0 and highest == 2 * n  # precision_config names both operands
+    assert dots(build_model(TINY["c2i"].replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))[1] == 0
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert matmul_precision("float32") is None
+        assert dots(m32)[1] == 0
+    assert matmul_precision("float32") == "highest" and matmul_precision("bfloat16") is None
 
 
 def test_remat_mode_is_checked():

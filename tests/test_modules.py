@@ -23,6 +23,9 @@ from pixeldit.modules import (
     get_2d_sincos_pos_embed,
 )
 
+# float32 products in full float32 on every backend (see conftest.reference_precision)
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 
 @pytest.fixture(scope="module")
 def gold():

@@ -10,6 +10,9 @@ from pixeldit.attention import RotaryAttention
 from pixeldit.convert import load_reference_state_dict
 from pixeldit.rope import apply_rope, rope_1d_angles, rope_2d_angles
 
+# float32 products in full float32 on every backend (see conftest.reference_precision)
+pytestmark = pytest.mark.usefixtures("reference_precision")
+
 
 @pytest.fixture(scope="module")
 def gold():
