@@ -16,7 +16,8 @@ CFG = C2IConfig(in_channels=3, num_groups=2, hidden_size=16, pixel_hidden_size=4
 
 @pytest.fixture(scope="module")
 def sd():
-    return to_reference_state_dict(build_model(CFG, rngs=nnx.Rngs(0)))
+    # writable copies: torch.from_numpy warns on read-only arrays
+    return {k: np.array(v) for k, v in to_reference_state_dict(build_model(CFG, rngs=nnx.Rngs(0))).items()}
 
 
 def test_lightning_ckpt(tmp_path, sd):
