@@ -137,7 +137,7 @@ def _peak_memory() -> float | None:
 
 
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
-                  remat: bool | str | None = None, scan_unroll: int | bool | None = None,
+                  remat: bool | str | None = None, scan_unroll: int | bool | str | None = None,
                   profile_dir: str | None = None) -> dict[str, Any]:
     """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict.
 

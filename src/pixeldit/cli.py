@@ -275,12 +275,13 @@ def bench(
 
     unroll: int | bool | str | None = None
     if scan_unroll is not None:
-        if scan_unroll.strip().lower() == "full":
+        choice = scan_unroll.strip().lower()
+        if choice == "full":
             unroll = True
-        elif scan_unroll.strip().lower() == "auto":
+        elif choice == "auto":
             unroll = "auto"
-        elif scan_unroll.strip().isdigit() and int(scan_unroll) > 0:
-            unroll = int(scan_unroll)
+        elif choice.isdigit() and int(choice) > 0:
+            unroll = int(choice)
         else:
             raise typer.BadParameter(f"--scan-unroll must be a positive integer, 'full' or 'auto', got {scan_unroll!r}")
 
