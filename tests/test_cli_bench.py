@@ -11,13 +11,49 @@ KEYS = {"forward_ms", "train_step_ms", "sample_step_ms", "compile_s", "gflops_fo
 
 
 def test_bench_json_last_line():
-    res = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--repeats", "1", "--json"])
+    res = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--repeats", "1", "--gemm-floor", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])
     assert KEYS <= set(result)
     assert result["gflops_forward"] > 0 and result["train_step_ms"] > 0
     # the train step does forward + backward: at least twice the forward's FLOPs
     assert result["gflops_train_step"] > 2 * result["gflops_forward"]
+    # --gemm-floor: the products are part of the counted FLOPs, and the backward has more of them
+    for key in ("forward", "train_step"):
+        assert 0 < result[f"{key}_gemm_gflops"] < result[f"gflops_{key}"]
+        assert result[f"{key}_gemm_floor_ms"] > 0 and result[f"{key}_gemm_bound_fraction"] > 0
+    assert result["train_step_gemm_gflops"] > 2 * result["forward_gemm_gflops"]
+
+
+def test_dot_calls_counts_loop_bodies_by_trip_count():
+    """Products inside a scan count once per iteration; batched products count their batch."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from pixeldit.bench import dot_calls, gemm_floor
+
+    def f(x, ws, a, b):
+        def body(h, w):
+            return jnp.tanh(h @ w), None
+        h, _ = jax.lax.scan(body, x, ws)  # 3 products (8x16 by 16x16)
+        return h @ a.T, jnp.einsum("bij,bjk->bik", b, b)  # (8x16 by (5x16)^T), batch of 4 (6x6 by 6x6)
+
+    args = (jnp.ones((8, 16)), jnp.ones((3, 16, 16)), jnp.ones((5, 16)), jnp.ones((4, 6, 6)))
+    calls = dot_calls(jax.jit(f).lower(*args).compile().as_text())
+    got = sorted((c.lhs_shape, c.rhs_shape, c.count, c.flops) for c in calls)
+    assert got == sorted([
+        ((8, 16), (16, 16), 3, 2 * 8 * 16 * 16),
+        ((8, 16), (5, 16), 1, 2 * 8 * 16 * 5),
+        ((4, 6, 6), (4, 6, 6), 1, 2 * 4 * 6 * 6 * 6),
+    ])
+    nt = next(c for c in calls if c.rhs_shape == (5, 16))
+    assert (nt.lhs_contracting, nt.rhs_contracting, nt.dtype) == ((1,), (1,), "f32")
+    floor = gemm_floor(calls, repeats=1)
+    assert floor["num_products"] == 3 and floor["floor_ms"] > 0
+    assert floor["gemm_gflops"] == pytest.approx(sum(c.count * c.flops for c in calls) / 1e9)
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        dot_calls("not hlo")
 
 
 def test_bench_unknown_preset():

@@ -16,10 +16,18 @@ Named presets (``PRESETS``):
   batch 64 (one device's share of a large-batch run; 52 GiB peak on an H200 with the stacks
   unrolled, as ``scan_unroll="auto"`` does on GPU).
 * ``tiny``: a seconds-long smoke configuration.
+
+``gemm_floor=True`` (``pixeldit bench --gemm-floor``) also lists every matrix product of the
+compiled forward and train step (:func:`dot_calls`, loop bodies counted by their trip counts),
+times each distinct product alone (:func:`gemm_floor`) and reports the sum: a lower bound on the
+program's time as long as each product runs no faster inside it than alone, and the fraction of
+the matmul ceiling the program would reach if everything but its products took no time.
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from pixeldit.attention import use_attention
 from pixeldit.model import C2IConfig, build_model, preset, resolve_scan_unroll
@@ -129,6 +138,115 @@ def matmul_rate(dtype=None, n: int | None = None, repeats: int = 20) -> dict[str
             "matmul_median_gflops_per_s": flops / statistics.median(times) / 1e9}
 
 
+@dataclass(frozen=True)
+class DotCall:
+    """One matrix product of an optimised HLO program and how often one run executes it."""
+
+    lhs_shape: tuple[int, ...]
+    rhs_shape: tuple[int, ...]
+    dtype: str  # the result's element type, as HLO spells it (f32, bf16...)
+    lhs_contracting: tuple[int, ...]
+    rhs_contracting: tuple[int, ...]
+    lhs_batch: tuple[int, ...]
+    rhs_batch: tuple[int, ...]
+    count: int
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one execution: 2 x (batch x free x contracted) sizes."""
+        contracted = int(np.prod([self.lhs_shape[d] for d in self.lhs_contracting]))
+        lhs_rest = int(np.prod(self.lhs_shape)) // contracted
+        rhs_free = int(np.prod(self.rhs_shape)) // contracted // int(np.prod([self.rhs_shape[d] for d in self.rhs_batch]))
+        return 2 * lhs_rest * contracted * rhs_free
+
+
+_HLO_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) [^\n]*\{\n(.*?)^\}", re.S | re.M)
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([^\s=]+) = (\w+)\[([\d,]*)\]")
+_DOT = re.compile(r"\bdot\((?:\w+\[[\d,]*\](?:\{[\d,]*\})? )?%([^\s,)]+), (?:\w+\[[\d,]*\](?:\{[\d,]*\})? )?%([^\s,)]+)\)")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|true_computation|false_computation)=%([^\s,)}]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+
+
+def _dims(line: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", line)
+    return tuple(int(v) for v in m.group(1).split(",") if v) if m else ()
+
+
+def dot_calls(hlo_text: str) -> list[DotCall]:
+    """Every ``dot`` of an optimised HLO module (``compiled.as_text()``), with its execution count.
+
+    A ``while`` body counts ``known_trip_count`` times (XLA records it for ``lax.scan`` loops);
+    a fusion or call counts once per execution of its caller; each branch of a ``conditional``
+    counts once.  Raises ``ValueError`` for a loop without a known trip count, whose products
+    could not be counted.  Identical products are merged, most FLOPs first.
+    """
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    entry = re.search(r"^ENTRY %([^\s(]+)", hlo_text, re.M)
+    if entry is None:
+        raise ValueError("not an HLO module: no ENTRY computation")
+    memo: dict[str, collections.Counter] = {}
+
+    def count(name: str) -> collections.Counter:
+        if name in memo:
+            return memo[name]
+        total: collections.Counter = collections.Counter()
+        shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for line in bodies.get(name, "").splitlines():
+            d = _DEFINITION.match(line)
+            if d:
+                shapes[d.group(1)] = (d.group(2), tuple(int(v) for v in d.group(3).split(",") if v))
+            dot = _DOT.search(line)
+            if dot and d:
+                lhs, rhs = shapes.get(dot.group(1)), shapes.get(dot.group(2))
+                if lhs is None or rhs is None:
+                    raise ValueError(f"dot operand without a shape in computation {name!r}: {line.strip()[:160]}")
+                total[(lhs[1], rhs[1], d.group(2), _dims(line, "lhs_contracting_dims"),
+                       _dims(line, "rhs_contracting_dims"), _dims(line, "lhs_batch_dims"),
+                       _dims(line, "rhs_batch_dims"))] += 1
+            callees = [(kind, callee) for kind, callee in _CALLEE.findall(line)]
+            for group in _BRANCHES.findall(line):
+                callees += [("branch", c.strip().lstrip("%")) for c in group.split(",") if c.strip()]
+            for kind, callee in callees:
+                times = 1
+                if kind == "body":
+                    trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                    if trip is None:
+                        raise ValueError(f"while loop without a known trip count in {name!r}: its products cannot be counted")
+                    times = int(trip.group(1))
+                for key, n in count(callee).items():
+                    total[key] += times * n
+        memo[name] = total
+        return total
+
+    calls = [DotCall(*key, count=n) for key, n in count(entry.group(1)).items()]
+    return sorted(calls, key=lambda c: -c.flops * c.count)
+
+
+def gemm_floor(calls: list[DotCall], repeats: int = 7) -> dict[str, float]:
+    """Time each product of ``calls`` alone (median of ``repeats``); sum over its executions.
+
+    Each product is jitted by itself with the same shapes, dimension numbers and result type,
+    default layouts, on the default backend.  Returns ``floor_ms`` (the sum), ``gemm_gflops``
+    (their FLOPs) and ``num_products`` (distinct products timed).
+    """
+    floor = 0.0
+    flops = 0
+    for i, c in enumerate(calls):
+        dtype = _HLO_DTYPES.get(c.dtype)
+        if dtype is None:
+            raise ValueError(f"gemm_floor: unsupported element type {c.dtype!r} (known: {sorted(_HLO_DTYPES)})")
+        k1, k2 = jax.random.split(jax.random.key(i))
+        a = jax.random.normal(k1, c.lhs_shape, dtype)
+        b = jax.random.normal(k2, c.rhs_shape, dtype)
+        dims = ((c.lhs_contracting, c.rhs_contracting), (c.lhs_batch, c.rhs_batch))
+        f = jax.jit(lambda a, b, dims=dims: lax.dot_general(a, b, dims, preferred_element_type=a.dtype))
+        f(a, b).block_until_ready()
+        floor += c.count * _time(lambda: f(a, b).block_until_ready(), repeats)
+        flops += c.count * c.flops
+    return {"floor_ms": floor * 1e3, "gemm_gflops": flops / 1e9, "num_products": len(calls)}
+
+
 def _peak_memory() -> float | None:
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     if not stats or "peak_bytes_in_use" not in stats:
@@ -138,13 +256,17 @@ def _peak_memory() -> float | None:
 
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
                   remat: bool | str | None = None, scan_unroll: int | bool | str | None = None,
-                  profile_dir: str | None = None) -> dict[str, Any]:
+                  profile_dir: str | None = None, with_gemm_floor: bool = False) -> dict[str, Any]:
     """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict.
 
     ``remat`` and ``scan_unroll`` override the preset's model settings.  ``profile_dir``: after
     the timings, three more train steps run under ``jax.profiler.trace`` into that folder
     (TensorBoard/XProf profile plus a Perfetto ``perfetto_trace.json.gz``) and the optimised HLO
     of the train step into ``train_step.hlo.txt`` (``scripts/trace_summary.py`` reads both).
+    ``with_gemm_floor``: also time the forward's and the train step's matrix products alone
+    (:func:`gemm_floor`) and report ``*_gemm_floor_ms``, ``*_gemm_gflops`` and
+    ``*_gemm_bound_fraction`` (the program's FLOPs over its products' summed time, as a fraction
+    of the ceiling: what it would reach if everything but the products took no time).
     """
     from pixeldit.train import (  # noqa: PLC0415
         TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch)
@@ -226,6 +348,11 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         # the optimised program, to read the profile's fusion names against
         (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
         result["profile_dir"] = str(profile_dir)
+    if with_gemm_floor:
+        for key, program in (("forward", fwd), ("train_step", compiled)):
+            floor = gemm_floor(dot_calls(program.as_text()), repeats=max(repeats, 5))
+            result[f"{key}_gemm_floor_ms"] = floor["floor_ms"]
+            result[f"{key}_gemm_gflops"] = floor["gemm_gflops"]
 
     # The ceiling is measured before and after the model timings; the higher one is kept, so a
     # slow moment of a shared machine cannot make the model look closer to the ceiling.
@@ -234,6 +361,10 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
     ceiling = result["matmul_gflops_per_s"]
     result["forward_fraction_of_matmul"] = result["forward_gflops_per_s"] / ceiling
     result["train_step_fraction_of_matmul"] = result["train_step_gflops_per_s"] / ceiling
+    if with_gemm_floor:
+        for key in ("forward", "train_step"):
+            result[f"{key}_gemm_bound_fraction"] = (
+                result[f"gflops_{key}"] / (result[f"{key}_gemm_floor_ms"] / 1e3) / ceiling)
     return result
 
 
@@ -251,6 +382,13 @@ def format_result(r: dict[str, Any]) -> str:
         f"compile {r['compile_s']:.1f} s",
         f"sampler step (CFG, 2B forward): {r['sample_step_ms']:.1f} ms",
     ]
+    if "forward_gemm_floor_ms" in r:
+        lines.append(
+            "matrix products timed alone: forward {:.1f} ms ({:.1f} GFLOP; bound {:.0f}% of matmul), "
+            "train step {:.1f} ms ({:.1f} GFLOP; bound {:.0f}% of matmul)".format(
+                r["forward_gemm_floor_ms"], r["forward_gemm_gflops"], 100 * r["forward_gemm_bound_fraction"],
+                r["train_step_gemm_floor_ms"], r["train_step_gemm_gflops"],
+                100 * r["train_step_gemm_bound_fraction"]))
     if r.get("peak_memory_gib") is not None:
         lines.append(f"peak memory: {r['peak_memory_gib']:.2f} GiB")
     return "\n".join(lines)

@@ -261,6 +261,10 @@ def bench(
              "fully unrolled on GPU/TPU, a loop on CPU)."),
     profile: Optional[Path] = typer.Option(
         None, "--profile", help="Also trace three train steps with jax.profiler into this folder (Perfetto trace)."),
+    gemm_floor: bool = typer.Option(
+        False, "--gemm-floor",
+        help="Also time every matrix product of the forward and train step alone: their sum bounds the "
+             "fraction of the matmul rate the program can reach."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
     """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate.
@@ -289,7 +293,8 @@ def bench(
         try:
             return run_benchmark(preset, batch_size=batch, repeats=repeats,
                                  remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
-                                 profile_dir=None if profile is None else str(profile))
+                                 profile_dir=None if profile is None else str(profile),
+                                 with_gemm_floor=gemm_floor)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
 
