@@ -25,7 +25,7 @@ def test_bench_json_last_line():
     assert result["train_step_gemm_gflops"] > 2 * result["forward_gemm_gflops"]
 
 
-def test_dot_calls_counts_loop_bodies_by_trip_count():
+def test_dot_calls_counts_scan_bodies_by_length():
     """Products inside a scan count once per iteration; batched products count their batch."""
     import jax
     import jax.numpy as jnp
@@ -37,10 +37,12 @@ def test_dot_calls_counts_loop_bodies_by_trip_count():
         def body(h, w):
             return jnp.tanh(h @ w), None
         h, _ = jax.lax.scan(body, x, ws)  # 3 products (8x16 by 16x16)
-        return h @ a.T, jnp.einsum("bij,bjk->bik", b, b)  # (8x16 by (5x16)^T), batch of 4 (6x6 by 6x6)
+        nt = jax.lax.dot_general(h, a, (((1,), (1,)), ((), ())))  # 8x16 by (5x16)^T
+        return nt, jnp.einsum("bij,bjk->bik", b, b)  # a batch of 4 (6x6 by 6x6)
 
-    args = (jnp.ones((8, 16)), jnp.ones((3, 16, 16)), jnp.ones((5, 16)), jnp.ones((4, 6, 6)))
-    calls = dot_calls(jax.jit(f).lower(*args).compile().as_text())
+    args = (jnp.ones((8, 16)), jax.ShapeDtypeStruct((3, 16, 16), jnp.float32), jnp.ones((5, 16)),
+            jnp.ones((4, 6, 6), jnp.bfloat16))
+    calls = dot_calls(f, *args)
     got = sorted((c.lhs_shape, c.rhs_shape, c.count, c.flops) for c in calls)
     assert got == sorted([
         ((8, 16), (16, 16), 3, 2 * 8 * 16 * 16),
@@ -48,12 +50,18 @@ def test_dot_calls_counts_loop_bodies_by_trip_count():
         ((4, 6, 6), (4, 6, 6), 1, 2 * 4 * 6 * 6 * 6),
     ])
     nt = next(c for c in calls if c.rhs_shape == (5, 16))
-    assert (nt.lhs_contracting, nt.rhs_contracting, nt.dtype) == ((1,), (1,), "f32")
+    assert (nt.lhs_contracting, nt.rhs_contracting, nt.dtype) == ((1,), (1,), "float32")
+    assert next(c for c in calls if c.lhs_batch).lhs_dtype == "bfloat16"
+    # the backward's products: input and weight gradients of each scanned product, 3 times each
+    grads = dot_calls(jax.grad(lambda x, ws: jnp.sum(f(x, ws, args[2], args[3])[0]), argnums=(0, 1)), args[0],
+                      args[1])
+    assert sum(c.count for c in grads if c.lhs_shape == (8, 16) or c.rhs_shape == (8, 16)) >= 3 * 3
     floor = gemm_floor(calls, repeats=1)
     assert floor["num_products"] == 3 and floor["floor_ms"] > 0
     assert floor["gemm_gflops"] == pytest.approx(sum(c.count * c.flops for c in calls) / 1e9)
-    with pytest.raises(ValueError, match="no ENTRY computation"):
-        dot_calls("not hlo")
+    with pytest.raises(ValueError, match="inside a 'while'"):
+        dot_calls(lambda x: jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1), (x, 0))[0],
+                  jnp.ones((4, 4)))
 
 
 def test_bench_unknown_preset():

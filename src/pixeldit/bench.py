@@ -17,8 +17,8 @@ Named presets (``PRESETS``):
   unrolled, as ``scan_unroll="auto"`` does on GPU).
 * ``tiny``: a seconds-long smoke configuration.
 
-``gemm_floor=True`` (``pixeldit bench --gemm-floor``) also lists every matrix product of the
-compiled forward and train step (:func:`dot_calls`, loop bodies counted by their trip counts),
+``with_gemm_floor=True`` (``pixeldit bench --gemm-floor``) also lists every matrix product of
+the traced forward and train step (:func:`dot_calls`, a scan's body counted once per iteration),
 times each distinct product alone (:func:`gemm_floor`, best of 10 calls) and reports the sum: a
 lower bound on the program's time as long as each product runs no faster inside it than alone,
 and the fraction of the matmul ceiling the program would reach if everything but its products
@@ -28,7 +28,6 @@ took no time.
 from __future__ import annotations
 
 import collections
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.extend import core as jcore
 
 from pixeldit.attention import use_attention
 from pixeldit.model import C2IConfig, build_model, preset, resolve_scan_unroll
@@ -141,11 +141,13 @@ def matmul_rate(dtype=None, n: int | None = None, repeats: int = 20) -> dict[str
 
 @dataclass(frozen=True)
 class DotCall:
-    """One matrix product of an optimised HLO program and how often one run executes it."""
+    """One matrix product of a traced program and how often one run executes it."""
 
     lhs_shape: tuple[int, ...]
     rhs_shape: tuple[int, ...]
-    dtype: str  # the result's element type, as HLO spells it (f32, bf16...)
+    lhs_dtype: str
+    rhs_dtype: str
+    dtype: str  # the result's
     lhs_contracting: tuple[int, ...]
     rhs_contracting: tuple[int, ...]
     lhs_batch: tuple[int, ...]
@@ -161,66 +163,46 @@ class DotCall:
         return 2 * lhs_rest * contracted * rhs_free
 
 
-_HLO_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) [^\n]*\{\n(.*?)^\}", re.S | re.M)
-_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([^\s=]+) = (\w+)\[([\d,]*)\]")
-_DOT = re.compile(r"\bdot\((?:\w+\[[\d,]*\](?:\{[\d,]*\})? )?%([^\s,)]+), (?:\w+\[[\d,]*\](?:\{[\d,]*\})? )?%([^\s,)]+)\)")
-_CALLEE = re.compile(r"\b(calls|to_apply|body|true_computation|false_computation)=%([^\s,)}]+)")
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+def _count_dots(jaxpr: jcore.Jaxpr, times: int, found: collections.Counter) -> None:
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+            key = (tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype), str(rhs.dtype),
+                   str(eqn.outvars[0].aval.dtype), tuple(lc), tuple(rc), tuple(lb), tuple(rb))
+            found[key] += times
+            continue
+        subs = [sub for value in eqn.params.values()
+                for sub in (value if isinstance(value, (tuple, list)) else (value,))
+                if isinstance(sub, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+        inner: collections.Counter = collections.Counter()
+        for sub in subs:
+            _count_dots(sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub, 1, inner)
+        if inner and name in ("while", "cond"):
+            raise ValueError(f"matrix products inside a {name!r} cannot be counted (unknown trip count or branch); "
+                             "use lax.scan, whose length is known")
+        repeat = eqn.params["length"] if name == "scan" else 1
+        for key, n in inner.items():
+            found[key] += times * repeat * n
 
 
-def _dims(line: str, key: str) -> tuple[int, ...]:
-    m = re.search(key + r"=\{([\d,]*)\}", line)
-    return tuple(int(v) for v in m.group(1).split(",") if v) if m else ()
+def dot_calls(fn: Callable, *args) -> list[DotCall]:
+    """Every matrix product (``dot_general``) that one call of ``fn(*args)`` executes, with counts.
 
-
-def dot_calls(hlo_text: str) -> list[DotCall]:
-    """Every ``dot`` of an optimised HLO module (``compiled.as_text()``), with its execution count.
-
-    A ``while`` body counts ``known_trip_count`` times (XLA records it for ``lax.scan`` loops);
-    a fusion or call counts once per execution of its caller; each branch of a ``conditional``
-    counts once.  Raises ``ValueError`` for a loop without a known trip count, whose products
-    could not be counted.  Identical products are merged, most FLOPs first.
+    Read from the traced program (``jax.make_jaxpr``), so the list is the same on every backend
+    and keeps the model's dtypes; attention is traced as XLA's (two batched products), as in
+    :func:`count_flops`.  A ``lax.scan`` body counts ``length`` times; products inside a
+    ``while`` loop or a ``cond`` raise ``ValueError``.  ``args`` may be arrays or
+    ``jax.ShapeDtypeStruct``.  On CPU the list matches the optimised program's ``dot``
+    instructions (same total FLOPs for ``s8-64`` with every ``remat`` mode).  Identical products
+    are merged, most FLOPs first.
     """
-    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
-    entry = re.search(r"^ENTRY %([^\s(]+)", hlo_text, re.M)
-    if entry is None:
-        raise ValueError("not an HLO module: no ENTRY computation")
-    memo: dict[str, collections.Counter] = {}
-
-    def count(name: str) -> collections.Counter:
-        if name in memo:
-            return memo[name]
-        total: collections.Counter = collections.Counter()
-        shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for line in bodies.get(name, "").splitlines():
-            d = _DEFINITION.match(line)
-            if d:
-                shapes[d.group(1)] = (d.group(2), tuple(int(v) for v in d.group(3).split(",") if v))
-            dot = _DOT.search(line)
-            if dot and d:
-                lhs, rhs = shapes.get(dot.group(1)), shapes.get(dot.group(2))
-                if lhs is None or rhs is None:
-                    raise ValueError(f"dot operand without a shape in computation {name!r}: {line.strip()[:160]}")
-                total[(lhs[1], rhs[1], d.group(2), _dims(line, "lhs_contracting_dims"),
-                       _dims(line, "rhs_contracting_dims"), _dims(line, "lhs_batch_dims"),
-                       _dims(line, "rhs_batch_dims"))] += 1
-            callees = [(kind, callee) for kind, callee in _CALLEE.findall(line)]
-            for group in _BRANCHES.findall(line):
-                callees += [("branch", c.strip().lstrip("%")) for c in group.split(",") if c.strip()]
-            for kind, callee in callees:
-                times = 1
-                if kind == "body":
-                    trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-                    if trip is None:
-                        raise ValueError(f"while loop without a known trip count in {name!r}: its products cannot be counted")
-                    times = int(trip.group(1))
-                for key, n in count(callee).items():
-                    total[key] += times * n
-        memo[name] = total
-        return total
-
-    calls = [DotCall(*key, count=n) for key, n in count(entry.group(1)).items()]
+    with use_attention("xla"):
+        jaxpr = jax.make_jaxpr(fn)(*args)
+    found: collections.Counter = collections.Counter()
+    _count_dots(jaxpr.jaxpr, 1, found)
+    calls = [DotCall(*key, count=n) for key, n in found.items()]
     return sorted(calls, key=lambda c: -c.flops * c.count)
 
 
@@ -237,14 +219,11 @@ def gemm_floor(calls: list[DotCall], repeats: int = 10) -> dict[str, float]:
     floor = 0.0
     flops = 0
     for i, c in enumerate(calls):
-        dtype = _HLO_DTYPES.get(c.dtype)
-        if dtype is None:
-            raise ValueError(f"gemm_floor: unsupported element type {c.dtype!r} (known: {sorted(_HLO_DTYPES)})")
         k1, k2 = jax.random.split(jax.random.key(i))
-        a = jax.random.normal(k1, c.lhs_shape, dtype)
-        b = jax.random.normal(k2, c.rhs_shape, dtype)
+        a = jax.random.normal(k1, c.lhs_shape, c.lhs_dtype)
+        b = jax.random.normal(k2, c.rhs_shape, c.rhs_dtype)
         dims = ((c.lhs_contracting, c.rhs_contracting), (c.lhs_batch, c.rhs_batch))
-        f = jax.jit(lambda a, b, dims=dims: lax.dot_general(a, b, dims, preferred_element_type=a.dtype))
+        f = jax.jit(lambda a, b, dims=dims, out=c.dtype: lax.dot_general(a, b, dims, preferred_element_type=out))
         f(a, b).block_until_ready()
         floor += c.count * min(_times(lambda: f(a, b).block_until_ready(), repeats))
         flops += c.count * c.flops
@@ -353,8 +332,13 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
         result["profile_dir"] = str(profile_dir)
     if with_gemm_floor:
-        for key, program in (("forward", fwd), ("train_step", compiled)):
-            floor = gemm_floor(dot_calls(program.as_text()))
+        shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+        programs = {
+            "forward": (forward, *shapes((params, state.model_state, x, t, y))),
+            "train_step": (make_train_step_fn(graphdef, tc), shapes(holder[0]), shapes(batch)),
+        }
+        for key, (fn, *args) in programs.items():
+            floor = gemm_floor(dot_calls(fn, *args))
             result[f"{key}_gemm_floor_ms"] = floor["floor_ms"]
             result[f"{key}_gemm_gflops"] = floor["gemm_gflops"]
 
