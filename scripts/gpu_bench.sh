@@ -6,7 +6,7 @@
 # Each VARIANT is a string of `pixeldit bench` options for the xl16-256 preset, optionally
 # prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 32"); the default list
 # is the preset itself (batch 64, stacks unrolled by scan_unroll="auto"), then batch 32, then the
-# stacks as a loop (docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
+# stacks as a loop, then the preset with --gemm-floor (docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
 # one's duration.  With CHECKS=1 (default) it first runs
 # the tiny preset and the cuDNN-vs-XLA attention test; when the machine's own flax/optax cannot
 # run the package it falls back to the tested versions carried in .whl/ (made beforehand with
@@ -16,7 +16,7 @@
 # --profile DIR also leaves DIR's Perfetto trace and train-step HLO in $OUT.
 set -u
 BUDGET=${1:-300}; shift || true
-if [ $# -eq 0 ]; then set -- "" "--batch 32" "--scan-unroll 1"; fi
+if [ $# -eq 0 ]; then set -- "" "--batch 32" "--scan-unroll 1" "--gemm-floor"; fi
 OUT=${OUT:-/tmp/pixeldit-gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_bench.log") 2>&1
@@ -35,6 +35,8 @@ if [ "${CHECKS:-1}" = 1 ]; then
     export PYTHONPATH="$PWD/src:/tmp/site"
     timeout 90 $PY -m pixeldit bench --preset tiny --repeats 2 --json > "$OUT/tiny.json" || exit 1
   fi
+  timeout 90 $PY -m pixeldit bench --preset tiny --repeats 1 --gemm-floor --json > "$OUT/tiny_gemm_floor.json" \
+    || echo "== bench --gemm-floor failed on the tiny preset"
   echo "== cuDNN attention vs XLA ($(left) s left)"
   if ! timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_attention_backend.py > "$OUT/attention_test.log" 2>&1; then
     echo "== cuDNN attention check failed: benchmarks run with PIXELDIT_ATTENTION=xla"; export PIXELDIT_ATTENTION=xla
