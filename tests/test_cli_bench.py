@@ -23,6 +23,9 @@ def test_bench_json_last_line():
         assert 0 < result[f"{key}_gemm_gflops"] < result[f"gflops_{key}"]
         assert result[f"{key}_gemm_floor_ms"] > 0 and result[f"{key}_gemm_bound_fraction"] > 0
     assert result["train_step_gemm_gflops"] > 2 * result["forward_gemm_gflops"]
+    from pixeldit.bench import format_result
+
+    assert "matrix products timed alone: forward" in format_result(result)
 
 
 def test_dot_calls_counts_scan_bodies_by_length():
