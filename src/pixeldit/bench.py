@@ -194,9 +194,10 @@ def dot_calls(fn: Callable, *args) -> list[DotCall]:
     and keeps the model's dtypes; attention is traced as XLA's (two batched products), as in
     :func:`count_flops`.  A ``lax.scan`` body counts ``length`` times; products inside a
     ``while`` loop or a ``cond`` raise ``ValueError``.  ``args`` may be arrays or
-    ``jax.ShapeDtypeStruct``.  On CPU the list matches the optimised program's ``dot``
-    instructions (same total FLOPs for ``s8-64`` with every ``remat`` mode).  Identical products
-    are merged, most FLOPs first.
+    ``jax.ShapeDtypeStruct``.  The jaxpr is not pruned: a product whose result is never used
+    is listed although XLA would drop it.  For the train steps here the list matches the
+    optimised CPU program's ``dot`` instructions (same total FLOPs for ``s8-64`` with every
+    ``remat`` mode).  Identical products are merged, most FLOPs first.
     """
     with use_attention("xla"):
         jaxpr = jax.make_jaxpr(fn)(*args)
