@@ -225,7 +225,6 @@ def gemm_floor(calls: list[DotCall], repeats: int = 10) -> dict[str, float]:
         b = jax.random.normal(k2, c.rhs_shape, c.rhs_dtype)
         dims = ((c.lhs_contracting, c.rhs_contracting), (c.lhs_batch, c.rhs_batch))
         f = jax.jit(lambda a, b, dims=dims, out=c.dtype: lax.dot_general(a, b, dims, preferred_element_type=out))
-        f(a, b).block_until_ready()
         floor += c.count * min(_times(lambda: f(a, b).block_until_ready(), repeats))
         flops += c.count * c.flops
     return {"floor_ms": floor * 1e3, "gemm_gflops": flops / 1e9, "num_products": len(calls)}
