@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from paper_golden import load, nchw_to_nhwc
+from seeded import seeded_array, seeded_state_dict
+
+from pixeldit.encoders import DINOv2, DINOv2Config, DINOv2Encoder, PatchEncoder, TinyEncoder
+from pixeldit.encoders.dinov2 import config_from_state_dict, load_dinov2, load_torch_state_dict
+
+ATOL = 1e-4  # the issue's parity tolerance
+
+
+def _model(config: DINOv2Config, meta: dict) -> DINOv2:
+    model = DINOv2(config, rngs=nnx.Rngs(0))
+    load_torch_state_dict(model, seeded_state_dict(meta["shapes"], meta["seed"]))
+    return model
+
+
+def _image(spec: dict) -> jax.Array:
+    return jnp.asarray(nchw_to_nhwc(seeded_array(tuple(spec["shape_nchw"]), spec["seed"], -2.0, 2.0)))
+
+
+@pytest.mark.parametrize("case", ["native", "other"])
+def test_tiny_matches_timm(case):
+    """``native``: timm's own forward; ``other``: a 3 x 5 grid from the 4 x 4 table, resized as the hub does."""
+    meta, g = load("dinov2_tiny.npz")
+    model = _model(DINOv2Config.preset("tiny"), meta)
+    with jax.default_matmul_precision("highest"):
+        tokens = model(_image(meta[case]))
+    np.testing.assert_allclose(tokens, g[f"{case}_tokens"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_vitb14_matches_timm_at_the_reference_resolution():
+    """ViT-B/14 with its 37 x 37 table, at 224 px (16 x 16 tokens): the reference's 256 px setting."""
+    meta, g = load("dinov2_vitb14.npz")
+    sd = seeded_state_dict(meta["shapes"], meta["seed"])
+    config = config_from_state_dict(sd)
+    assert config == DINOv2Config.preset("B/14")
+    model = DINOv2(config, rngs=nnx.Rngs(0))
+    load_torch_state_dict(model, sd)
+    images = jnp.asarray(nchw_to_nhwc(seeded_array(tuple(meta["image_shape_nchw"]), meta["image_seed"], -2.0, 2.0)))
+    with jax.default_matmul_precision("highest"):
+        tokens = np.asarray(model(images))
+    assert tokens.shape == (1, 256, 768)
+    np.testing.assert_allclose(tokens[:, meta["keep"]], g["tokens"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.abs(tokens).mean(), g["tokens_abs_mean"], rtol=1e-5)
+
+
+def test_loading_is_strict_and_hub_mask_token_is_dropped():
+    meta, _ = load("dinov2_tiny.npz")
+    model = DINOv2(DINOv2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    sd = seeded_state_dict(meta["shapes"], meta["seed"])
+    load_torch_state_dict(model, {**sd, "mask_token": np.zeros((1, 32), np.float32)})  # torch-hub files carry it
+    with pytest.raises(ValueError, match="unexpected weights"):
+        load_torch_state_dict(model, {**sd, "head.weight": np.zeros((3, 32), np.float32)})
+    with pytest.raises(ValueError, match="expected shape"):
+        load_torch_state_dict(model, {**sd, "norm.bias": np.zeros((31,), np.float32)})
+    missing = dict(sd)
+    missing.pop("blocks.1.ls2.gamma")
+    with pytest.raises(KeyError, match="blocks.1.ls2.gamma"):
+        load_torch_state_dict(model, missing)
+
+
+def test_load_from_a_torch_file(tmp_path):
+    torch = pytest.importorskip("torch")  # the 'torch' extra; installed in CI
+    meta, g = load("dinov2_tiny.npz")
+    sd = seeded_state_dict(meta["shapes"], meta["seed"])
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "dinov2.pth")
+    model = load_dinov2(tmp_path / "dinov2.pth", DINOv2Config.preset("tiny"))
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(model(_image(meta["native"])), g["native_tokens"], atol=ATOL, rtol=0)
+
+
+def test_encoder_preprocesses_as_the_reference_and_is_frozen():
+    model = DINOv2(DINOv2Config.preset("tiny"), rngs=nnx.Rngs(0))
+    encoder = DINOv2Encoder(model)
+    assert isinstance(encoder, PatchEncoder)
+    images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    tokens = encoder(images)
+    assert tokens.shape == (2, 4, 32)  # 32 px -> 28 px -> a 2 x 2 grid of 14 px patches
+    grad = jax.grad(lambda x: encoder(x).sum())(images)
+    assert not np.any(np.asarray(grad))
+
+
+def test_tiny_encoder_is_a_patch_encoder():
+    encoder = TinyEncoder(patch_size=8, dim=16, rngs=nnx.Rngs(0))
+    assert isinstance(encoder, PatchEncoder)
+    assert encoder(jnp.ones((2, 32, 24, 3))).shape == (2, 12, 16)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        encoder(jnp.ones((1, 30, 24, 3)))
