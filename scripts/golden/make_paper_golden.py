@@ -155,10 +155,79 @@ def make_dinov2_vitb14() -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# REPA: the reference's c2i REPATrainer and t2i PixDiTTrainer alignment losses, restated
+# ----------------------------------------------------------------------------------------------
+
+
+def c2i_repa_loss(src_feature: torch.Tensor, dst_feature: torch.Tensor) -> torch.Tensor:
+    """c2i ``REPATrainer._impl_trainstep``: ``cos_loss.mean()`` of projected block tokens vs encoder tokens."""
+    if dst_feature.shape[1] != src_feature.shape[1]:
+        bsz, ls, ch = src_feature.shape
+        ld = dst_feature.shape[1]
+        hs = int(ls**0.5)
+        hd = int(ld**0.5)
+        src_spatial = src_feature.view(bsz, hs, hs, ch).permute(0, 3, 1, 2)
+        if ld < ls:
+            resized = F.adaptive_avg_pool2d(src_spatial, (hd, hd))
+        else:
+            resized = F.interpolate(src_spatial, size=(hd, hd), mode="bilinear", align_corners=False)
+        src_feature = resized.permute(0, 2, 3, 1).reshape(bsz, ld, ch)
+    cos_sim = F.cosine_similarity(src_feature, dst_feature, dim=-1)
+    return (1 - cos_sim).mean()
+
+
+def t2i_repa_loss(proj_tokens: torch.Tensor, repa_tokens: torch.Tensor) -> torch.Tensor:
+    """t2i ``PixDiTTrainer.forward``: negative mean cosine, the finer grid resized to the coarser."""
+    proj_tokens = F.normalize(proj_tokens, dim=-1)
+    b, td, c = repa_tokens.shape
+    bu, tu, cu = proj_tokens.shape
+    h_u, h_d = int(tu**0.5), int(td**0.5)
+    if td > tu:
+        dino = repa_tokens.permute(0, 2, 1).reshape(b, c, h_d, h_d)
+        dino = F.interpolate(dino, size=(h_u, h_u), mode="bilinear", align_corners=False).flatten(2).permute(0, 2, 1)
+        return -((proj_tokens * F.normalize(dino, dim=-1)).sum(dim=-1)).mean()
+    if td < tu:
+        usit = proj_tokens.permute(0, 2, 1).reshape(bu, cu, h_u, h_u)
+        usit = F.interpolate(usit, size=(h_d, h_d), mode="bilinear", align_corners=False).flatten(2).permute(0, 2, 1)
+        return -((F.normalize(usit, dim=-1) * F.normalize(repa_tokens, dim=-1)).sum(dim=-1)).mean()
+    return -((proj_tokens * F.normalize(repa_tokens, dim=-1)).sum(dim=-1)).mean()
+
+
+def make_repa() -> None:
+    hidden, proj_hidden, enc_dim, batch, ls = 24, 20, 12, 2, 16
+    proj = torch.nn.Sequential(
+        torch.nn.Sequential(  # c2i: REPATrainer.proj, saved as diffusion_trainer.proj.0.{0,2,4}
+            torch.nn.Linear(hidden, proj_hidden), torch.nn.SiLU(),
+            torch.nn.Linear(proj_hidden, proj_hidden), torch.nn.SiLU(),
+            torch.nn.Linear(proj_hidden, enc_dim),
+        )
+    )
+    shapes = {k: list(v.shape) for k, v in proj.state_dict().items()}
+    proj.load_state_dict({k: torch.from_numpy(v) for k, v in seeded_state_dict(shapes, seed=8).items()})
+    arrays = {f"proj/{k}": v.numpy() for k, v in proj.state_dict().items()}
+    src = torch.from_numpy(seeded_array((batch, ls, hidden), seed=9, low=-1, high=1))
+    for ld in (4, 16, 36):  # fewer encoder tokens (pooled), as many, more (bilinear)
+        dst = torch.from_numpy(seeded_array((batch, ld, enc_dim), seed=10 + ld, low=-1, high=1))
+        arrays[f"dst_{ld}"] = dst.numpy()
+        for style, fn in (("c2i", c2i_repa_loss), ("t2i", t2i_repa_loss)):
+            with torch.enable_grad():
+                proj.zero_grad()
+                x = src.clone().requires_grad_(True)
+                loss = fn(proj(x), dst)
+                loss.backward()
+            arrays[f"{style}_{ld}/loss"] = loss.detach().numpy()
+            arrays[f"{style}_{ld}/grad_src"] = x.grad.numpy()
+            for k, v in proj.named_parameters():
+                arrays[f"{style}_{ld}/grad/{k}"] = v.grad.numpy()
+    save("repa.npz", {"hidden": hidden, "proj_hidden": proj_hidden, "enc_dim": enc_dim}, src=src.numpy(), **arrays)
+
+
 def main() -> None:
     make_resample()
     make_dinov2_tiny()
     make_dinov2_vitb14()
+    make_repa()
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from golden import assert_close
 from paper_golden import load, nchw_to_nhwc
 from seeded import seeded_array, seeded_state_dict
 
 from pixeldit.encoders import DINOv2, DINOv2Config, DINOv2Encoder, PatchEncoder, TinyEncoder
 from pixeldit.encoders.dinov2 import config_from_state_dict, load_dinov2, load_torch_state_dict
 
-ATOL = 1e-4  # the parity tolerance
 
 
 def _model(config: DINOv2Config, meta: dict) -> DINOv2:
@@ -29,7 +29,7 @@ def test_tiny_matches_timm(case):
     model = _model(DINOv2Config.preset("tiny"), meta)
     with jax.default_matmul_precision("highest"):
         tokens = model(_image(meta[case]))
-    np.testing.assert_allclose(tokens, g[f"{case}_tokens"], atol=ATOL, rtol=0)
+    assert_close(tokens, g[f"{case}_tokens"])
 
 
 @pytest.mark.slow
@@ -45,7 +45,7 @@ def test_vitb14_matches_timm_at_the_reference_resolution():
     with jax.default_matmul_precision("highest"):
         tokens = np.asarray(model(images))
     assert tokens.shape == (1, 256, 768)
-    np.testing.assert_allclose(tokens[:, meta["keep"]], g["tokens"], atol=ATOL, rtol=0)
+    assert_close(tokens[:, meta["keep"]], g["tokens"])
     np.testing.assert_allclose(np.abs(tokens).mean(), g["tokens_abs_mean"], rtol=1e-5)
 
 
@@ -71,7 +71,7 @@ def test_load_from_a_torch_file(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "dinov2.pth")
     model = load_dinov2(tmp_path / "dinov2.pth", DINOv2Config.preset("tiny"))
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(model(_image(meta["native"])), g["native_tokens"], atol=ATOL, rtol=0)
+        assert_close(model(_image(meta["native"])), g["native_tokens"])
 
 
 def test_encoder_preprocesses_as_the_reference_and_is_frozen():
