@@ -223,11 +223,55 @@ def make_repa() -> None:
     save("repa.npz", {"hidden": hidden, "proj_hidden": proj_hidden, "enc_dim": enc_dim}, src=src.numpy(), **arrays)
 
 
+# ----------------------------------------------------------------------------------------------
+# FID Inception-v3 (pytorch-fid)
+# ----------------------------------------------------------------------------------------------
+
+
+def make_inception() -> None:
+    loaded = {}
+
+    def seeded_weights(url, progress=True):  # stands in for the download of the FID weights file
+        shapes = {k: list(v.shape) for k, v in loaded["net"].state_dict().items() if not k.endswith("num_batches_tracked")}
+        loaded["shapes"] = shapes
+        return {k: torch.from_numpy(v) for k, v in seeded_state_dict(shapes, seed=11).items()}
+
+    original = fid_inception._inception_v3
+
+    def capture(*args, **kwargs):
+        loaded["net"] = original(*args, **kwargs)
+        return loaded["net"]
+
+    fid_inception._inception_v3, fid_inception.load_state_dict_from_url = capture, seeded_weights
+    model = fid_inception.InceptionV3([3]).eval()  # pool3 features, resize to 299, [0, 1] -> [-1, 1]
+    direct = fid_inception.InceptionV3([3], resize_input=False).eval()
+    small = torch.from_numpy(seeded_array((2, 3, 75, 75), seed=12))  # the smallest size Inception-v3 takes
+    resized = torch.from_numpy(seeded_array((2, 3, 24, 24), seed=13))  # upsampled to 299 inside
+    save(
+        "inception.npz",
+        {"seed": 11, "shapes": loaded["shapes"], "small": {"seed": 12, "shape_nchw": [2, 3, 75, 75]},
+         "resized": {"seed": 13, "shape_nchw": [2, 3, 24, 24]}},
+        small_features=direct(small)[0].flatten(1).numpy(), resized_features=model(resized)[0].flatten(1).numpy(),
+    )
+
+
+def make_frechet() -> None:
+    from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: PLC0415
+
+    features = seeded_array((400, 16), seed=14, low=-1, high=1).astype(np.float64)
+    features[200:] = 1.3 * features[200:] + 0.2  # two halves from different distributions
+    a, b = features[:200], features[200:]
+    stats = [(x.mean(axis=0), np.cov(x, rowvar=False)) for x in (a, b)]
+    save("frechet.npz", {"seed": 14}, features=features, fid=np.float64(calculate_frechet_distance(*stats[0], *stats[1])))
+
+
 def main() -> None:
     make_resample()
     make_dinov2_tiny()
     make_dinov2_vitb14()
     make_repa()
+    make_inception()
+    make_frechet()
 
 
 if __name__ == "__main__":
