@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 from golden import assert_close
 from paper_golden import load, nchw_to_nhwc
+from safetensors.numpy import save_file
 from seeded import seeded_array, seeded_state_dict
 
 from pixeldit.encoders import DINOv2, DINOv2Config, DINOv2Encoder, PatchEncoder, TinyEncoder
@@ -64,12 +65,10 @@ def test_loading_is_strict_and_hub_mask_token_is_dropped():
         load_torch_state_dict(model, missing)
 
 
-def test_load_from_a_torch_file(tmp_path):
-    torch = pytest.importorskip("torch")  # the 'torch' extra; installed in CI
+def test_load_from_a_weight_file(tmp_path):
     meta, g = load("dinov2_tiny.npz")
-    sd = seeded_state_dict(meta["shapes"], meta["seed"])
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "dinov2.pth")
-    model = load_dinov2(tmp_path / "dinov2.pth", DINOv2Config.preset("tiny"))
+    save_file(seeded_state_dict(meta["shapes"], meta["seed"]), tmp_path / "dinov2.safetensors")
+    model = load_dinov2(tmp_path / "dinov2.safetensors", DINOv2Config.preset("tiny"))
     with jax.default_matmul_precision("highest"):
         assert_close(model(_image(meta["native"])), g["native_tokens"])
 
