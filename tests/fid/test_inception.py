@@ -7,20 +7,20 @@ from paper_golden import load, nchw_to_nhwc
 from safetensors.numpy import save_file
 from seeded import seeded_array, seeded_state_dict
 
+from pixeldit.fid import extract_features
 from pixeldit.fid.inception import FIDInceptionV3, avg_pool_exclude_pad, load_fid_inception, load_torch_state_dict
 
 
 def _features(model, spec):
-    images = jnp.asarray(nchw_to_nhwc(seeded_array(tuple(spec["shape_nchw"]), spec["seed"])))
+    images = nchw_to_nhwc(seeded_array(tuple(spec["shape_nchw"]), spec["seed"]))
     with jax.default_matmul_precision("highest"):
-        return jax.jit(lambda x: model(x))(images)
+        return extract_features(model, [images], batch_size=len(images))
 
 
 def _weights(meta):
     return seeded_state_dict(meta["shapes"], meta["seed"])
 
 
-@pytest.mark.slow
 def test_matches_pytorch_fid_at_the_smallest_input():
     """75 x 75 without resizing (pytorch-fid ``resize_input=False``): every block, small maps."""
     meta, g = load("inception.npz")

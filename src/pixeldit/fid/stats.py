@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from scipy import linalg
 
 SQRTM_OFFSET = 1e-6  # pytorch-fid's eps: added to both diagonals when sqrtm(S1 S2) is not finite
@@ -61,7 +62,14 @@ def extract_features(
 
     One compiled program: a short last batch is padded to ``batch_size`` and trimmed after.
     """
-    run = jax.jit(lambda x: model(x))
+    if isinstance(model, nnx.Module):  # weights as arguments, not constants baked into the program
+        graphdef, state = nnx.split(model)
+        compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+
+        def run(x):
+            return compiled(state, x)
+    else:
+        run = jax.jit(model)
     out = []
     for batch in batches:
         batch = np.asarray(batch, dtype=np.float32)
