@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,16 @@ def test_tiny_encoder_is_a_patch_encoder():
     assert encoder(jnp.ones((2, 32, 24, 3))).shape == (2, 12, 16)
     with pytest.raises(ValueError, match="divisible by 8"):
         encoder(jnp.ones((1, 30, 24, 3)))
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+    meta, g = load("dinov2_tiny.npz")
+    bf16 = _model(dataclasses.replace(DINOv2Config.preset("tiny"), dtype="bfloat16"), meta)
+    tokens = np.asarray(_run(bf16, _image(meta["native"])), dtype=np.float64)
+    rel = np.linalg.norm(tokens - g["native_tokens"]) / np.linalg.norm(g["native_tokens"])
+    assert 1e-4 < rel < 2e-2  # bfloat16 rounding: visible (4e-3 here), small
+
+
+def test_fixed_size_resize_for_t2i():
+    encoder = DINOv2Encoder(DINOv2(DINOv2Config.preset("tiny"), rngs=nnx.Rngs(0)), size=(42, 28))
+    assert encoder(jnp.zeros((1, 64, 64, 3))).shape == (1, 6, 32)  # 42 x 28 px -> 3 x 2 patches

@@ -36,8 +36,13 @@ class DINOv2Config:
     patch_size: int = 14
     pos_grid: int = 37  # side of the position table: 518 px / 14 for the released weights
     mlp_ratio: int = 4
+    # matmul compute dtype; norms, softmax and the residual stream stay float32.  The reference
+    # runs its encoder in bfloat16 (autocast); float32 is the parity setting.
+    dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"DINOv2 dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.dim % self.heads:
             raise ValueError(f"DINOv2 dim {self.dim} must be divisible by heads {self.heads}")
 
@@ -55,15 +60,15 @@ class DINOv2Config:
         return presets[name]
 
 
-def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, rngs=rngs)
+def _linear(n_in: int, n_out: int, dtype: str, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, dtype=jnp.dtype(dtype), rngs=rngs)
 
 
 class Attention(nnx.Module):
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, dtype: str, *, rngs: nnx.Rngs):
         self.heads = heads
-        self.qkv = _linear(dim, 3 * dim, rngs)
-        self.proj = _linear(dim, dim, rngs)
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs)
+        self.proj = _linear(dim, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -75,9 +80,9 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = _linear(dim, hidden, rngs)
-        self.fc2 = _linear(hidden, dim, rngs)
+    def __init__(self, dim: int, hidden: int, dtype: str, *, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # nn.GELU: the exact erf form
@@ -95,15 +100,15 @@ class Block(nnx.Module):
     def __init__(self, config: DINOv2Config, *, rngs: nnx.Rngs):
         d = config.dim
         self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.attn = Attention(d, config.heads, rngs=rngs)
+        self.attn = Attention(d, config.heads, config.dtype, rngs=rngs)
         self.ls1 = LayerScale(d)
         self.norm2 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.mlp = Mlp(d, d * config.mlp_ratio, rngs=rngs)
+        self.mlp = Mlp(d, d * config.mlp_ratio, config.dtype, rngs=rngs)
         self.ls2 = LayerScale(d)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.ls1(self.attn(self.norm1(x))).astype(x.dtype)
+        return x + self.ls2(self.mlp(self.norm2(x))).astype(x.dtype)
 
 
 class DINOv2(nnx.Module):
@@ -113,7 +118,7 @@ class DINOv2(nnx.Module):
         self.config = config
         p, d = config.patch_size, config.dim
         # the stride-p conv as a linear map of flattened (p, p, 3) patches
-        self.patch_embed = _linear(p * p * 3, d, rngs)
+        self.patch_embed = _linear(p * p * 3, d, config.dtype, rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
         self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1 + config.pos_grid**2, d)))
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
@@ -136,8 +141,8 @@ class DINOv2(nnx.Module):
             raise ValueError(f"DINOv2 expects RGB images (B, H, W, 3), got shape {images.shape}")
         h0, w0 = h // p, w // p  # a stride-p conv drops the remainder rows / columns
         x = images[:, : h0 * p, : w0 * p].reshape(b, h0, p, w0, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = self.patch_embed(x.reshape(b, h0 * w0, p * p * c))  # (B, N, D), N = h0 * w0
-        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1])).astype(x.dtype)
+        x = self.patch_embed(x.reshape(b, h0 * w0, p * p * c)).astype(jnp.float32)  # (B, N, D), N = h0 * w0
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_table(h0, w0)  # (B, 1 + N, D)
         for block in self.blocks:
             x = block(x)
@@ -190,7 +195,7 @@ def load_torch_state_dict(model: DINOv2, state_dict: dict[str, np.ndarray]) -> N
     check_consumed(sd, "DINOv2 state dict")
 
 
-def config_from_state_dict(state_dict: dict[str, np.ndarray], *, head_dim: int = 64) -> DINOv2Config:
+def config_from_state_dict(state_dict: dict[str, np.ndarray], *, head_dim: int = 64, dtype: str = "float32") -> DINOv2Config:
     """Sizes read off the weights; the released DINOv2 models all use 64-wide heads."""
     d = state_dict["cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
@@ -198,13 +203,18 @@ def config_from_state_dict(state_dict: dict[str, np.ndarray], *, head_dim: int =
     if any(k.startswith("blocks.0.0.") or "register_tokens" in k for k in state_dict):
         raise ValueError("DINOv2 weights with block chunks or register tokens are not supported")
     return DINOv2Config(dim=d, depth=depth, heads=d // head_dim, pos_grid=grid,
-                        patch_size=state_dict["patch_embed.proj.weight"].shape[-1])
+                        patch_size=state_dict["patch_embed.proj.weight"].shape[-1], dtype=dtype)
 
 
-def load_dinov2(path: str | os.PathLike, config: DINOv2Config | None = None, *, seed: int = 0) -> DINOv2:
-    """A :class:`DINOv2` with the weights of a torch-hub / timm file (``.pth`` / ``.safetensors``)."""
+def load_dinov2(
+    path: str | os.PathLike, config: DINOv2Config | None = None, *, dtype: str = "float32", seed: int = 0
+) -> DINOv2:
+    """A :class:`DINOv2` with the weights of a torch-hub / timm file (``.pth`` / ``.safetensors``).
+
+    Sizes are read off the weights unless ``config`` is given; ``dtype`` is then the matmul dtype.
+    """
     sd = read_state_dict(path)
-    model = DINOv2(config or config_from_state_dict(sd), rngs=nnx.Rngs(seed))
+    model = DINOv2(config or config_from_state_dict(sd, dtype=dtype), rngs=nnx.Rngs(seed))
     load_torch_state_dict(model, sd)
     return model
 
@@ -214,16 +224,20 @@ class DINOv2Encoder(nnx.Module):
 
     As the reference ``DINOv2`` wrapper: normalise with the ImageNet mean / std, resize bicubically
     to ``14 / base_patch_size`` of each side (256 px -> 224 px, one DINOv2 token per PixelDiT
-    patch), return ``x_norm_patchtokens``.  No gradient flows into the encoder.
+    patch), return ``x_norm_patchtokens``.  No gradient flows into the encoder.  ``size`` fixes the
+    resized side instead: the t2i trainer resizes every image to ``(224, 224)`` (it resizes before
+    normalising; both are linear per channel, so the order changes only float rounding).
     """
 
-    def __init__(self, model: DINOv2, base_patch_size: int = 16):
+    def __init__(self, model: DINOv2, base_patch_size: int = 16, size: tuple[int, int] | None = None):
         self.model = model
         self.base_patch_size = base_patch_size
+        self.size = size
 
     def __call__(self, images: jax.Array) -> jax.Array:
         _, h, w, _ = images.shape
         p = self.model.config.patch_size
+        size = self.size or (p * h // self.base_patch_size, p * w // self.base_patch_size)
         x = (images - jnp.asarray(IMAGENET_MEAN, images.dtype)) / jnp.asarray(IMAGENET_STD, images.dtype)
-        x = resize(x, (p * h // self.base_patch_size, p * w // self.base_patch_size), "bicubic")
+        x = resize(x, size, "bicubic")
         return jax.lax.stop_gradient(self.model(x))  # frozen, as the reference's torch.no_grad()
