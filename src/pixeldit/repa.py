@@ -11,6 +11,8 @@ t2i (``t2i/diffusion/model/trainer.py`` ``PixDiTTrainer``): projector hidden 204
 ``-mean(cos)`` with the finer of the two grids bilinearly resized to the coarser one, weight 0.1
 (``repa_loss_weight``) after patch block ``repa_encoder_index`` (14).
 
+The projector trains with the model (the reference adds it to the same AdamW as a second
+parameter group with the same settings) and is not part of the EMA; the encoder is frozen.
 The projector's reference keys are ``diffusion_trainer.proj.0.{0,2,4}.*`` (c2i Lightning
 checkpoints) and ``_repa_projector.{0,2,4}.*`` (t2i); :func:`projector_from_reference` and
 :func:`projector_to_reference` map them.
