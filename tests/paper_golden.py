@@ -17,7 +17,3 @@ def load(name: str) -> tuple[dict, np.lib.npyio.NpzFile]:
         raise FileNotFoundError(f"golden file {path} is missing: run scripts/golden/make_paper_golden.py")
     data = np.load(path)
     return json.loads(str(data["config"])), data
-
-
-def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (0, 2, 3, 1))

@@ -31,7 +31,7 @@ from flax import nnx
 
 from pixeldit.modules import linear
 from pixeldit.resample import adaptive_avg_pool, resize
-from pixeldit.torchfile import take
+from pixeldit.torchfile import assign, take
 
 COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
@@ -178,8 +178,8 @@ def load_projector(projector: REPAProjector, weights: Mapping[str, np.ndarray]) 
     for i in LINEAR_INDICES:
         layer = projector.proj.layers[i]
         n_in, n_out = layer.kernel.shape
-        layer.kernel.set_value(jnp.asarray(take(sd, f"{i}.weight", (n_out, n_in)).T))  # torch (out, in)
-        layer.bias.set_value(jnp.asarray(take(sd, f"{i}.bias", (n_out,))))
+        assign(layer.kernel, take(sd, f"{i}.weight", (n_out, n_in)).T)  # torch (out, in)
+        assign(layer.bias, take(sd, f"{i}.bias", (n_out,)))
     if sd:
         raise ValueError(f"unexpected REPA projector weights: {', '.join(sorted(sd))}")
 

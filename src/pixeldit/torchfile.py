@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -56,6 +57,11 @@ def take(state_dict: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) ->
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"weight {key!r}: expected shape {tuple(shape)}, got {tuple(value.shape)}")
     return value
+
+
+def assign(variable, value: np.ndarray) -> None:
+    """Set an ``nnx.Variable`` to ``value`` in the variable's dtype."""
+    variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
 
 
 def check_consumed(state_dict: dict[str, np.ndarray], what: str) -> None:

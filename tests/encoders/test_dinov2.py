@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from golden import assert_close
-from paper_golden import load, nchw_to_nhwc
+from golden import assert_close, nchw_to_nhwc
+from paper_golden import load
 from safetensors.numpy import save_file
 from seeded import seeded_array, seeded_state_dict
 

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pixeldit.resample import resize, scaled_size
-from pixeldit.torchfile import check_consumed, read_state_dict, take
+from pixeldit.torchfile import assign, check_consumed, read_state_dict, take
 
 LN_EPS = 1e-6  # DINOv2 / timm ViT LayerNorm epsilon
 INTERPOLATE_OFFSET = 0.1  # torch-hub DINOv2's interpolate_offset (the DINO "historical kludge")
@@ -154,20 +154,17 @@ class DINOv2(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _set(variable: nnx.Variable, value: np.ndarray) -> None:
-    variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
-
 
 def _load_linear(layer: nnx.Linear, sd: dict, key: str) -> None:
     n_in, n_out = layer.kernel.shape
-    _set(layer.kernel, take(sd, f"{key}.weight", (n_out, n_in)).T)  # torch (out, in) -> (in, out)
-    _set(layer.bias, take(sd, f"{key}.bias", (n_out,)))
+    assign(layer.kernel, take(sd, f"{key}.weight", (n_out, n_in)).T)  # torch (out, in) -> (in, out)
+    assign(layer.bias, take(sd, f"{key}.bias", (n_out,)))
 
 
 def _load_norm(norm: nnx.LayerNorm, sd: dict, key: str) -> None:
     (d,) = norm.scale.shape
-    _set(norm.scale, take(sd, f"{key}.weight", (d,)))
-    _set(norm.bias, take(sd, f"{key}.bias", (d,)))
+    assign(norm.scale, take(sd, f"{key}.weight", (d,)))
+    assign(norm.bias, take(sd, f"{key}.bias", (d,)))
 
 
 def load_torch_state_dict(model: DINOv2, state_dict: dict[str, np.ndarray]) -> None:
@@ -177,20 +174,20 @@ def load_torch_state_dict(model: DINOv2, state_dict: dict[str, np.ndarray]) -> N
     c = model.config
     p, d = c.patch_size, c.dim
     conv = take(sd, "patch_embed.proj.weight", (d, 3, p, p))
-    _set(model.patch_embed.kernel, conv.transpose(2, 3, 1, 0).reshape(p * p * 3, d))  # (p, p, 3) order
-    _set(model.patch_embed.bias, take(sd, "patch_embed.proj.bias", (d,)))
-    _set(model.cls_token, take(sd, "cls_token", (1, 1, d)))
-    _set(model.pos_embed, take(sd, "pos_embed", (1, 1 + c.pos_grid**2, d)))
+    assign(model.patch_embed.kernel, conv.transpose(2, 3, 1, 0).reshape(p * p * 3, d))  # (p, p, 3) order
+    assign(model.patch_embed.bias, take(sd, "patch_embed.proj.bias", (d,)))
+    assign(model.cls_token, take(sd, "cls_token", (1, 1, d)))
+    assign(model.pos_embed, take(sd, "pos_embed", (1, 1 + c.pos_grid**2, d)))
     for i, block in enumerate(model.blocks):
         k = f"blocks.{i}"
         _load_norm(block.norm1, sd, f"{k}.norm1")
         _load_linear(block.attn.qkv, sd, f"{k}.attn.qkv")
         _load_linear(block.attn.proj, sd, f"{k}.attn.proj")
-        _set(block.ls1.gamma, take(sd, f"{k}.ls1.gamma", (d,)))
+        assign(block.ls1.gamma, take(sd, f"{k}.ls1.gamma", (d,)))
         _load_norm(block.norm2, sd, f"{k}.norm2")
         _load_linear(block.mlp.fc1, sd, f"{k}.mlp.fc1")
         _load_linear(block.mlp.fc2, sd, f"{k}.mlp.fc2")
-        _set(block.ls2.gamma, take(sd, f"{k}.ls2.gamma", (d,)))
+        assign(block.ls2.gamma, take(sd, f"{k}.ls2.gamma", (d,)))
     _load_norm(model.norm, sd, "norm")
     check_consumed(sd, "DINOv2 state dict")
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from pixeldit.resample import resize
-from pixeldit.torchfile import check_consumed, read_state_dict, take
+from pixeldit.torchfile import assign, check_consumed, read_state_dict, take
 
 BN_EPS = 1e-3  # torchvision BasicConv2d's BatchNorm2d eps
 INPUT_SIZE = 299
@@ -194,9 +194,6 @@ class FIDInceptionV3(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _set(variable: nnx.Variable, value: np.ndarray) -> None:
-    variable.set_value(jnp.asarray(value, dtype=jnp.float32))
-
 
 def load_torch_state_dict(model: FIDInceptionV3, state_dict: dict[str, np.ndarray]) -> None:
     """Fill ``model`` from pytorch-fid's weights; every conv / bn key is used and shape-checked.
@@ -209,9 +206,9 @@ def load_torch_state_dict(model: FIDInceptionV3, state_dict: dict[str, np.ndarra
             continue
         key = ".".join(str(p) for p in path)
         kh, kw, c_in, c_out = conv.kernel.shape
-        _set(conv.kernel, take(sd, f"{key}.conv.weight", (c_out, c_in, kh, kw)).transpose(2, 3, 1, 0))  # OIHW -> HWIO
+        assign(conv.kernel, take(sd, f"{key}.conv.weight", (c_out, c_in, kh, kw)).transpose(2, 3, 1, 0))  # OIHW -> HWIO
         for name, attr in (("weight", conv.scale), ("bias", conv.bias), ("running_mean", conv.mean), ("running_var", conv.var)):
-            _set(attr, take(sd, f"{key}.bn.{name}", (c_out,)))
+            assign(attr, take(sd, f"{key}.bn.{name}", (c_out,)))
     check_consumed(sd, "FID Inception state dict")
 
 
