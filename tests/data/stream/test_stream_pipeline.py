@@ -92,6 +92,10 @@ def test_probe_errors(folder):
         open_stream(folder, patch_size=3)
     ds = open_stream(folder, resolution=4, channels=1)
     assert ds.image_shape == (4, 4, 1) and ds.metadata()["streaming"]["resolution"] == 4
+    (folder / "c0" / "img000.png").write_bytes(b"garbage")  # the record that sets the image shape
+    with pytest.raises(DataError, match=r"cannot read image '.*c0/img000\.png'"):
+        open_stream(folder)
+    assert open_stream(folder, on_corrupt="skip").image_shape == (8, 8, 3)
 
 
 @pytest.mark.slow

@@ -103,11 +103,11 @@ class StreamingDataset:
                     raise ValueError(f"'{self.name}' holds stored arrays: resolution and channels apply to images only")
                 return tuple(int(s) for s in image.shape)
             try:
-                ch = int(channels) if channels is not None else image_channels(image)
+                ch = int(channels) if channels is not None else image_channels(image, rec["name"])
                 x = Decode(resolution=self.resolution, channels=ch, on_corrupt="stop").decode(image, rec["name"])
-            except (DataError, TypeError) as exc:
+            except DataError:
                 if self.on_corrupt == "stop":
-                    raise DataError(str(exc)) from exc
+                    raise
                 continue
             return tuple(int(s) for s in x.shape)
         raise DataError(f"dataset '{self.name}': none of the first {_PROBE} records could be read")

@@ -175,11 +175,12 @@ class ReferenceH5Source(_Source):
     def _label_array(self, labels: list | None) -> np.ndarray | None:
         if labels is None:
             return None
-        table = {str(k).replace("\\", "/"): v for k, v in labels}
-        missing = [k.decode() for k in self._keys[:] if k.decode() not in table]
+        table = {str(k).replace("\\", "/"): v for k, v in labels}  # the reference normalises '\\' too
+        keys = [k.decode() for k in self._keys]
+        missing = [k for k in keys if k not in table]
         if missing:
             raise DataError(f"'{self.h5_path}': dataset.json has no label for '{missing[0]}' ({len(missing)} keys without labels)")
-        out = np.array([table[k.decode()] for k in self._keys], dtype=np.int64)
+        out = np.array([table[k] for k in keys], dtype=np.int64)
         if out.ndim != 1 or (out < 0).any():
             raise DataError(f"'{self.h5_path}': dataset.json labels must be class indices >= 0")
         return out.astype(np.int32)

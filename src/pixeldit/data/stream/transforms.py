@@ -50,11 +50,16 @@ def _to_mode(img: Image.Image, channels: int, name: str) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def image_channels(data: bytes) -> int:
+def image_channels(data: bytes, name: str) -> int:
     """1 if the encoded image is grayscale (as :mod:`pixeldit.data.files` decides), else 3."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return 1 if _is_gray(img) else 3
+    if isinstance(data, BaseException):
+        raise DataError(f"cannot read image '{name}': {type(data).__name__}: {data}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return 1 if _is_gray(img) else 3
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+        raise DataError(f"cannot read image '{name}': {type(exc).__name__}: {_BYTES_REPR.sub('its bytes', str(exc))}") from exc
 
 
 class Decode:
