@@ -6,7 +6,9 @@ measurement in its own process so that peak memory is not shared between them:
 * ``loader``: batches/s of the loader alone (``workers`` decoding processes, 0 = threads only);
 * ``train-memory``: train steps/s of a small PixelDiT on the folder loaded into memory
   (:func:`pixeldit.data.load_image_folder`);
-* ``train-stream``: the same steps fed by the streaming iterator.
+* ``train-stream``: the same steps fed by the streaming iterator;
+* ``train-ab``: both feeds in one process, alternating blocks of 10 steps on one compiled step
+  (the throughput ratio of the two, robust to the machine's load changing between runs).
 
 Peak resident memory is ``ru_maxrss`` of the process (plus the largest worker process);
 ``rss_before`` is the resident memory just before the first batch is read.
@@ -119,9 +121,42 @@ def run_train(folder: Path, args, streaming: bool) -> dict:
     return {"steps_per_s": round(args.steps / dt, 3), "rss_before_mib": round(before, 1), **peak_mib()}
 
 
+def run_train_ab(folder: Path, args) -> dict:
+    """Both feeds in one process, alternating blocks of steps: the ratio is robust to load drift."""
+    import jax
+
+    from pixeldit.data import load_image_folder
+    from pixeldit.data.stream import open_stream
+    from pixeldit.train import prepare_batch
+
+    memory = load_image_folder(folder, seed=0)
+    it = open_stream(folder, seed=0).iterator(args.batch, workers=args.workers)
+    feeds = {"memory": lambda s: memory.get_batch(s, args.batch), "stream": lambda s: next(it)}
+    state, step_fn = _train_setup(memory, args)
+    for s in range(args.warmup):
+        for feed in feeds.values():
+            state, metrics = step_fn(state, prepare_batch(feed(s)))
+    jax.block_until_ready(metrics)
+    seconds = {k: 0.0 for k in feeds}
+    block, s = 10, args.warmup
+    for _ in range(max(1, args.steps // block)):
+        for name, feed in feeds.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                state, metrics = step_fn(state, prepare_batch(feed(s)))
+                s += 1
+            jax.block_until_ready(metrics)
+            seconds[name] += time.perf_counter() - t0
+    it.close()
+    n = max(1, args.steps // block) * block
+    rate = {k: n / v for k, v in seconds.items()}
+    return {"memory_steps_per_s": round(rate["memory"], 3), "stream_steps_per_s": round(rate["stream"], 3),
+            "stream_over_memory": round(rate["stream"] / rate["memory"], 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=["all", "loader", "train-memory", "train-stream"], default="all")
+    p.add_argument("--mode", choices=["all", "loader", "train-memory", "train-stream", "train-ab"], default="all")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--size", type=int, default=32)
@@ -135,12 +170,13 @@ def main() -> None:
     if args.mode != "all":
         args.workers = args.workers[0]
         fn = {"loader": run_loader, "train-memory": lambda f, a: run_train(f, a, False),
-              "train-stream": lambda f, a: run_train(f, a, True)}[args.mode]
+              "train-stream": lambda f, a: run_train(f, a, True), "train-ab": run_train_ab}[args.mode]
         print(json.dumps({"mode": args.mode, "workers": args.workers, **fn(folder, args)}), flush=True)
         return
     common = [f"--n={args.n}", f"--classes={args.classes}", f"--size={args.size}", f"--batch={args.batch}",
               f"--batches={args.batches}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
     runs = [("loader", w) for w in args.workers] + [("train-memory", 0)] + [("train-stream", w) for w in args.workers]
+    runs += [("train-ab", w) for w in args.workers]
     print(json.dumps({"folder": str(folder), "images": args.n, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}))
     for mode, w in runs:
         out = subprocess.run([sys.executable, __file__, f"--mode={mode}", "--workers", str(w), *common],

@@ -56,8 +56,12 @@ def test_flip_is_seeded(folder):
         a = np.asarray(PIL.Image.open(p)).copy()
         a[:, 0] = 0
         PIL.Image.fromarray(a).save(p)
-    flips = lambda seed: [bool(b["x"][j, 0, 0, 0] > -1) for b in _take(open_stream(folder, flip=True, seed=seed).iterator(6), 4) for j in range(6)]  # noqa: E731
-    assert flips(1) == flips(1) and 0 < sum(flips(1)) < 24
+
+    def flipped(seed):  # column 0 is black unless the record was flipped
+        batches = _take(open_stream(folder, flip=True, seed=seed).iterator(6), 4)
+        return [bool(b["x"][j, 0, 0, 0] > -1) for b in batches for j in range(6)]
+
+    assert flipped(1) == flipped(1) and 0 < sum(flipped(1)) < 24
 
 
 @pytest.mark.parametrize("count", [2, 3, 5])
