@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixeldit import runs
+from pixeldit import conditions, runconfig, runs
 from pixeldit.embedders import ThetaEmbedder
 
 
 def test_builtin_configs_resolve_against_their_data():
-    digits = runs.load_run_config("digits")
+    digits = runconfig.load_run_config("digits")
     cfg = runs.resolve_model_config(digits.model, runs.load_run_dataset(digits))
     assert (cfg.kind, cfg.in_channels, cfg.num_classes) == ("c2i", 1, 10)
-    grf = runs.load_run_config("grf")
+    grf = runconfig.load_run_config("grf")
     ds = runs.load_run_dataset(grf)
     cfg = runs.resolve_model_config(grf.model, ds)
     assert (cfg.kind, cfg.in_channels, cfg.theta_dim, cfg.theta_channels) == ("theta", 1, 2, 2)
@@ -25,25 +25,25 @@ def test_builtin_configs_resolve_against_their_data():
 
 
 def test_run_config_round_trips_through_run_json(tmp_path):
-    run = runs.load_run_config("grf", ["train.steps=7", "sample.theta=[[0.1, 2.0]]", "train.betas=[0.9, 0.99]"])
-    runs.save_run_config(run, tmp_path)
-    again = runs.read_run_config(tmp_path)
+    run = runconfig.load_run_config("grf", ["train.steps=7", "sample.theta=[[0.1, 2.0]]", "train.betas=[0.9, 0.99]"])
+    runconfig.save_run_config(run, tmp_path)
+    again = runconfig.read_run_config(tmp_path)
     assert again == run
-    assert json.loads((tmp_path / runs.RUN_FILE).read_text())["sample"]["theta"] == [[0.1, 2.0]]
-    assert runs.load_run_config(tmp_path, ["train.steps=9"]).train.steps == 9  # a workdir is a config source
+    assert json.loads((tmp_path / runconfig.RUN_FILE).read_text())["sample"]["theta"] == [[0.1, 2.0]]
+    assert runconfig.load_run_config(tmp_path, ["train.steps=9"]).train.steps == 9  # a workdir is a config source
 
 
 def test_data_override_replaces_the_data_section(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 8, 8, 1), np.float32))
-    run = runs.load_run_config("digits", ["data.normalize='minmax'"], data=tmp_path / "d.npz")
+    run = runconfig.load_run_config("digits", ["data.normalize='minmax'"], data=tmp_path / "d.npz")
     assert run.data.source == str(tmp_path / "d.npz") and run.data.resolution is None
-    with pytest.raises(runs.ConfigError, match="data.resolution"):
-        runs.load_run_config("digits", ["data.resolution=8"], data=tmp_path / "d.npz")
+    with pytest.raises(runconfig.ConfigError, match="data.resolution"):
+        runconfig.load_run_config("digits", ["data.resolution=8"], data=tmp_path / "d.npz")
 
 
 def test_unconditional_data_becomes_one_class(tmp_path):
     np.savez(tmp_path / "u.npz", x=np.ones((5, 8, 8, 1), np.float32))
-    run = runs.load_run_config("digits", data=tmp_path / "u.npz")
+    run = runconfig.load_run_config("digits", data=tmp_path / "u.npz")
     ds = runs.load_run_dataset(run)
     cfg = runs.resolve_model_config(run.model, ds)
     assert cfg.num_classes == 1
@@ -55,22 +55,22 @@ def test_theta_npz_picks_a_theta_model(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "t.npz", x=rng.normal(size=(6, 8, 8, 1)).astype(np.float32),
              theta=rng.uniform(10, 30, size=(6, 3)).astype(np.float32))
-    run = runs.load_run_config("digits", ["model.kind='auto'"], data=tmp_path / "t.npz")
+    run = runconfig.load_run_config("digits", ["model.kind='auto'"], data=tmp_path / "t.npz")
     ds = runs.load_run_dataset(run)
     cfg = runs.resolve_model_config(run.model, ds)
     assert (cfg.kind, cfg.theta_dim, cfg.theta_channels) == ("theta", 3, 2)
     z = ds.get_batch(0, 6)["y"][..., 0]
     assert z.min() >= -1.0 - 1e-6 and z.max() <= 1.0 + 1e-6  # the data's range maps to [-1, 1]
-    with pytest.raises(runs.ConfigError, match="does not fit"):
+    with pytest.raises(runconfig.ConfigError, match="does not fit"):
         runs.resolve_model_config({"kind": "c2i"}, ds)
 
 
 def test_encode_theta_keeps_nan_rows_null():
     enc = {"kind": "affine", "center": [0.0, 2.5], "scale": [1.0, 1.5]}
-    out = runs.encode_theta(np.array([[1.0, 4.0], [np.nan, np.nan]]), enc)
+    out = conditions.encode_theta(np.array([[1.0, 4.0], [np.nan, np.nan]]), enc)
     np.testing.assert_allclose(out[0], [[1.0, 1.0], [1.0, 1.0]])
     assert np.isnan(out[1]).all()
-    np.testing.assert_array_equal(runs.encode_theta(np.ones((2, 2)), None), np.ones((2, 2)))
+    np.testing.assert_array_equal(conditions.encode_theta(np.ones((2, 2)), None), np.ones((2, 2)))
 
 
 def test_scalar_theta_keeps_its_magnitude_raw_and_encoded():
@@ -80,8 +80,8 @@ def test_scalar_theta_keeps_its_magnitude_raw_and_encoded():
     assert float(jnp.abs(a - b).max()) > 0.1
     enc = {"kind": "affine", "center": [0.0, 2.5], "scale": [1.0, 1.5]}
     emb = ThetaEmbedder(2, 2, 16, rngs=nnx.Rngs(0))
-    a = emb(jnp.asarray(runs.encode_theta(np.array([[0.5, 1.0]]), enc)))
-    b = emb(jnp.asarray(runs.encode_theta(np.array([[1.0, 4.0]]), enc)))
+    a = emb(jnp.asarray(conditions.encode_theta(np.array([[0.5, 1.0]]), enc)))
+    b = emb(jnp.asarray(conditions.encode_theta(np.array([[1.0, 4.0]]), enc)))
     assert float(jnp.abs(a - b).max()) > 0.1
 
 
@@ -90,21 +90,22 @@ def test_conditions():
 
     c2i = C2IConfig(in_channels=1, hidden_size=16, num_groups=2, patch_depth=1, pixel_depth=1, patch_size=4,
                     num_classes=10)
-    y, y_null = runs.make_conditions(c2i, {}, 5, labels=(3,))
+    y, y_null = conditions.make_conditions(c2i, {}, 5, labels=(3,))
     np.testing.assert_array_equal(y, 3)
     np.testing.assert_array_equal(y_null, 10)
     theta = ThetaConfig(hidden_size=16, num_groups=2, patch_depth=1, pixel_depth=1, theta_channels=2)
-    y, y_null = runs.make_conditions(theta, {"name": "grf"}, 4, seed=1)
+    y, y_null = conditions.make_conditions(theta, {"name": "grf"}, 4, seed=1)
     assert y.shape == (4, 2) and np.isnan(y_null).all()
     lo, hi = np.array([-1.0, 1.0]), np.array([1.0, 4.0])
     assert ((y >= lo) & (y <= hi)).all()
-    y, _ = runs.make_conditions(theta, {}, 3, theta=((0.5, 2.0),))
+    y, _ = conditions.make_conditions(theta, {}, 3, theta=((0.5, 2.0),))
     np.testing.assert_allclose(y, [[0.5, 2.0]] * 3)
-    with pytest.raises(runs.ConfigError, match="theta rows"):
-        runs.make_conditions(theta, {}, 3, theta=((0.5, 2.0, 1.0),))
+    with pytest.raises(runconfig.ConfigError, match="theta rows"):
+        conditions.make_conditions(theta, {}, 3, theta=((0.5, 2.0, 1.0),))
 
 
 def test_default_test_theta_lies_inside_the_prior():
-    t = runs.default_test_theta({"name": "grf"})
+    t = conditions.default_test_theta({"name": "grf"})
     assert t.shape == (9, 2)
     assert (t[:, 0] > -1).all() and (t[:, 0] < 1).all() and (t[:, 1] > 1).all() and (t[:, 1] < 4).all()
+

@@ -6,7 +6,7 @@ with the plain matrix-multiply rate of the same backend measured in the same run
 CPU, bfloat16 on GPU/TPU; the best of 20 calls, measured before and after the model timings),
 so each number is also a fraction of that ceiling.
 
-Named presets (``PRESETS``):
+Named presets (``BENCH_PRESETS``):
 
 * ``s8-64``: class-conditional, 64x64 RGB, batch 16, patch 8, hidden 384, 6 heads, 12 patch
   blocks, 2 pixel blocks, pixel width 16, 10 classes, float32: the reference constructor
@@ -42,8 +42,9 @@ from jax import lax
 from jax.extend import core as jcore
 
 from pixeldit.attention import use_attention
-from pixeldit.model import C2IConfig, build_model, preset, resolve_scan_unroll
+from pixeldit.model import C2IConfig, abstract_model, build_model, preset, resolve_scan_unroll
 from pixeldit.runtime import settings as runtime_settings
+from pixeldit.training import TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BenchPreset:
     description: str
 
 
-PRESETS: dict[str, Callable[[], BenchPreset]] = {
+BENCH_PRESETS: dict[str, Callable[[], BenchPreset]] = {
     "s8-64": lambda: BenchPreset(
         C2IConfig(in_channels=3, patch_size=8, num_groups=6, hidden_size=384, patch_depth=12, pixel_depth=2,
                   num_classes=10, pixel_hidden_size=16),
@@ -251,12 +252,9 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
     ``*_gemm_bound_fraction`` (the program's FLOPs over its products' summed time, as a fraction
     of the ceiling: what it would reach if everything but the products took no time).
     """
-    from pixeldit.train import (  # noqa: PLC0415
-        TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch)
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(PRESETS)}")
-    bp = PRESETS[name]()
+    if name not in BENCH_PRESETS:
+        raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(BENCH_PRESETS)}")
+    bp = BENCH_PRESETS[name]()
     cfg = bp.model if remat is None else bp.model.replace(remat=remat)
     cfg = cfg if scan_unroll is None else cfg.replace(scan_unroll=scan_unroll)
     b = batch_size or bp.batch_size
@@ -380,3 +378,27 @@ def format_result(r: dict[str, Any]) -> str:
     if r.get("peak_memory_gib") is not None:
         lines.append(f"peak memory: {r['peak_memory_gib']:.2f} GiB")
     return "\n".join(lines)
+
+
+def forward_flops(model_config, image_size: tuple[int, int], batch: int = 1) -> float:
+    """FLOPs of one forward pass at ``image_size`` and ``batch`` (no weights allocated).
+
+    Counted by :func:`count_flops` (XLA's cost analysis of the lowered program)
+    with the block stacks fully unrolled (``scan_unroll=True``): XLA counts a while loop's body
+    once whatever its trip count.
+    """
+    graphdef, state = nnx.split(abstract_model(model_config.replace(scan_unroll=True)))
+    h, w = image_size
+    x = jax.ShapeDtypeStruct((batch, h, w, model_config.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    if model_config.kind == "c2i":
+        y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    elif model_config.kind == "theta":
+        y = jax.ShapeDtypeStruct((batch, model_config.theta_dim, model_config.theta_channels), jnp.float32)
+    else:
+        y = jax.ShapeDtypeStruct((batch, model_config.txt_max_length, model_config.txt_embed_dim), jnp.float32)
+
+    def forward(state, x, t, y):
+        return nnx.merge(graphdef, state)(x, t, y)
+
+    return count_flops(forward, state, x, t, y)

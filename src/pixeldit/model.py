@@ -58,7 +58,7 @@ MLP_RATIO = 4.0  # the reference hard-codes mlp_ratio=4 for every block
 
 
 @dataclass(frozen=True)
-class _Config:
+class PixelDiTConfig:
     """Fields shared by every PixelDiT; defaults are the reference constructor's."""
 
     kind: ClassVar[str] = ""
@@ -98,7 +98,7 @@ class _Config:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
 
-    def replace(self, **changes) -> "_Config":
+    def replace(self, **changes) -> "PixelDiTConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def _check_heads(width_name: str, width: int, heads_name: str, heads: int) -> No
 
 
 @dataclass(frozen=True)
-class C2IConfig(_Config):
+class C2IConfig(PixelDiTConfig):
     """Class-conditional PixelDiT (reference ``PixDiT``)."""
 
     kind: ClassVar[str] = "c2i"
@@ -144,7 +144,7 @@ class C2IConfig(_Config):
 
 
 @dataclass(frozen=True)
-class T2IConfig(_Config):
+class T2IConfig(PixelDiTConfig):
     """Text (token) conditional PixelDiT (reference ``PixDiT_T2I``)."""
 
     kind: ClassVar[str] = "t2i"
@@ -216,10 +216,10 @@ class ThetaConfig(T2IConfig):
         super().__post_init__()
 
 
-CONFIG_KINDS: dict[str, type[_Config]] = {"c2i": C2IConfig, "t2i": T2IConfig, "theta": ThetaConfig}
+CONFIG_KINDS: dict[str, type[PixelDiTConfig]] = {"c2i": C2IConfig, "t2i": T2IConfig, "theta": ThetaConfig}
 
 
-def config_from_dict(d: dict[str, Any]) -> _Config:
+def config_from_dict(d: dict[str, Any]) -> PixelDiTConfig:
     """Rebuild a config from :meth:`to_dict` output (``kind`` selects the class)."""
     d = dict(d)
     kind = d.pop("kind", None)
@@ -238,7 +238,7 @@ def config_from_dict(d: dict[str, Any]) -> _Config:
 
 # Named presets from the paper (class-to-image Table: B/L/XL with patch 16 and pixel width 16;
 # the 1.3B text-to-image model).  Parameter counts match the reference models exactly.
-PRESETS: dict[str, Callable[[], _Config]] = {
+PRESETS: dict[str, Callable[[], PixelDiTConfig]] = {
     "B/16": lambda: C2IConfig(in_channels=3, hidden_size=768, num_groups=12, patch_depth=12, pixel_depth=2,
                               pixel_hidden_size=16, patch_size=16, num_classes=1000),
     "L/16": lambda: C2IConfig(in_channels=3, hidden_size=1024, num_groups=16, patch_depth=22, pixel_depth=4,
@@ -251,7 +251,7 @@ PRESETS: dict[str, Callable[[], _Config]] = {
 }
 
 
-def preset(name: str, **overrides) -> _Config:
+def preset(name: str, **overrides) -> PixelDiTConfig:
     """A named preset (``"B/16"``, ``"L/16"``, ``"XL/16"``, ``"T2I-1.3B"``), optionally with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -348,9 +348,9 @@ def _at_matmul_precision(call: Callable) -> Callable:
 class _PixelDiTBase(nnx.Module):
     """The shared pixel-level pathway and input checks."""
 
-    config: _Config
+    config: PixelDiTConfig
 
-    def _init_pixel_pathway(self, cfg: _Config, rngs: nnx.Rngs, kw: dict) -> None:
+    def _init_pixel_pathway(self, cfg: PixelDiTConfig, rngs: nnx.Rngs, kw: dict) -> None:
         self.pixel_embedder = PixelTokenEmbedder(
             cfg.in_channels, cfg.pixel_hidden_size, use_pixel_abs_pos=cfg.use_pixel_abs_pos, rngs=rngs, **kw
         )
@@ -402,7 +402,7 @@ class _PixelDiTBase(nnx.Module):
             raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got {t.shape}")
         return x.astype(jnp.dtype(cfg.dtype)), t.astype(jnp.float32)
 
-    def _dtypes(self, cfg: _Config) -> dict:
+    def _dtypes(self, cfg: PixelDiTConfig) -> dict:
         return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
@@ -578,17 +578,17 @@ class PixelDiTTheta(PixelDiTT2I):
 MODEL_CLASSES = {"c2i": PixelDiT, "t2i": PixelDiTT2I, "theta": PixelDiTTheta}
 
 
-def build_model(config: _Config, *, rngs: nnx.Rngs) -> _PixelDiTBase:
+def build_model(config: PixelDiTConfig, *, rngs: nnx.Rngs) -> _PixelDiTBase:
     """Construct the model class that matches ``config.kind``."""
     return MODEL_CLASSES[config.kind](config, rngs=rngs)
 
 
-def abstract_model(config: _Config) -> _PixelDiTBase:
+def abstract_model(config: PixelDiTConfig) -> _PixelDiTBase:
     """The model with ``jax.ShapeDtypeStruct`` leaves: shapes without allocating memory."""
     return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
 
 
 def count_params(model_or_config) -> int:
     """Number of trainable parameters (``nnx.Param`` leaves); a config is counted without allocating."""
-    model = abstract_model(model_or_config) if isinstance(model_or_config, _Config) else model_or_config
+    model = abstract_model(model_or_config) if isinstance(model_or_config, PixelDiTConfig) else model_or_config
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
