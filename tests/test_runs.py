@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pixeldit import conditions, runconfig, runs
-from pixeldit.embedders import ThetaEmbedder
+from pixeldit.embedders import ThetaEmbedder, encode_theta
 
 
 def test_builtin_configs_resolve_against_their_data():
@@ -21,7 +21,9 @@ def test_builtin_configs_resolve_against_their_data():
     ds = runs.load_run_dataset(grf)
     cfg = runs.resolve_model_config(grf.model, ds)
     assert (cfg.kind, cfg.in_channels, cfg.theta_dim, cfg.theta_channels) == ("theta", 1, 2, 2)
-    assert ds.get_batch(0, 3)["y"].shape == (3, 2, 2)
+    # the model carries the affine encoding of the GRF prior box (log_amplitude in [-1, 1], slope in [1, 4])
+    assert cfg.theta_center == (0.0, 2.5) and cfg.theta_scale == (1.0, 1.5)
+    assert ds.get_batch(0, 3)["y"].shape == (3, 2)  # raw theta: the model encodes it
 
 
 def test_run_config_round_trips_through_run_json(tmp_path):
@@ -59,8 +61,8 @@ def test_theta_npz_picks_a_theta_model(tmp_path):
     ds = runs.load_run_dataset(run)
     cfg = runs.resolve_model_config(run.model, ds)
     assert (cfg.kind, cfg.theta_dim, cfg.theta_channels) == ("theta", 3, 2)
-    z = ds.get_batch(0, 6)["y"][..., 0]
-    assert z.min() >= -1.0 - 1e-6 and z.max() <= 1.0 + 1e-6  # the data's range maps to [-1, 1]
+    z = np.asarray(encode_theta(ds.get_batch(0, 6)["y"], cfg.theta_center, cfg.theta_scale))[..., 0]
+    assert z.min() == pytest.approx(-1.0, abs=1e-6) and z.max() == pytest.approx(1.0, abs=1e-6)  # data range -> [-1, 1]
     with pytest.raises(runconfig.ConfigError, match="does not fit"):
         runs.resolve_model_config({"kind": "c2i"}, ds)
 
@@ -109,3 +111,32 @@ def test_default_test_theta_lies_inside_the_prior():
     assert t.shape == (9, 2)
     assert (t[:, 0] > -1).all() and (t[:, 0] < 1).all() and (t[:, 1] > 1).all() and (t[:, 1] < 4).all()
 
+
+def test_theta_encoding_none_feeds_raw_scalars():
+    run = runconfig.load_run_config("grf", ["model.theta_encoding='none'"])
+    cfg = runs.resolve_model_config(run.model, runs.load_run_dataset(run))
+    assert cfg.theta_channels == 1 and cfg.theta_center is None
+
+
+@pytest.mark.slow  # two tiny trainings (~20 s on 2 cores)
+def test_theta_run_with_the_encoding_beside_the_data_resumes_and_samples(tmp_path):
+    """A theta checkpoint whose config has no theta_center (its encoding recorded in the dataset
+    metadata, its batches encoded by ThetaEncodedDataset) resumes and samples as before."""
+    from pixeldit import training
+
+    tiny = ["model.hidden_size=16", "model.num_groups=2", "model.patch_depth=1", "model.pixel_depth=1",
+            "model.pixel_hidden_size=4", "data.size=8", "train.batch_size=4", "train.sample_every=0",
+            "sample.steps=2", "sample.num_samples=2", "sample.batch_size=2"]
+    run = runconfig.load_run_config("grf", tiny + ["train.steps=2"])
+    raw = runs.load_run_dataset(run)
+    encoding = {"kind": "affine", "center": [0.0, 2.5], "scale": [1.0, 1.5]}
+    legacy = conditions.ThetaEncodedDataset(raw, encoding)
+    cfg = runs.resolve_model_config(run.model, raw).replace(theta_center=None, theta_scale=None)
+    runconfig.save_run_config(run, tmp_path)
+    training.train(cfg, run.train, legacy, tmp_path, progress=False)
+    assert training.read_checkpoint_meta(tmp_path)["dataset"]["theta_encoding"] == encoding
+
+    summary = runs.train_run(runconfig.load_run_config("grf", tiny + ["train.steps=4"]), tmp_path, progress=False)
+    assert (summary["start_step"], summary["step"]) == (2, 4)
+    out = runs.sample_run(tmp_path, progress=False)
+    assert out["num_samples"] == 2

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from pixeldit import training as T
-from pixeldit.model import C2IConfig
+from pixeldit.model import C2IConfig, ThetaConfig
 
 CFG = C2IConfig(
     in_channels=1, patch_size=4, hidden_size=32, num_groups=2, patch_depth=2, pixel_depth=1, pixel_hidden_size=8, num_classes=10
@@ -404,3 +404,14 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     model, mcfg = loaded.model, loaded.model_config
     assert mcfg.dtype == "bfloat16"
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_resume_check_reads_older_theta_configs():
+    """Theta configs once stored their derived token fields and had no encoding fields: still compatible."""
+    cfg = ThetaConfig(hidden_size=16, num_groups=2, patch_depth=1, pixel_depth=1)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("theta_center", "theta_scale")}
+    old.update(txt_embed_dim=1, txt_max_length=2)
+    T.check_compatible({"model_config": old}, {"model_config": cfg.to_dict()})  # no error
+    encoded = cfg.with_encoding([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(T.IncompatibleCheckpointError, match="model.theta_center"):
+        T.check_compatible({"model_config": old}, {"model_config": encoded.to_dict()})

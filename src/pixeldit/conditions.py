@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from pixeldit.data import PRIOR_HIGH, PRIOR_LOW, make_rng
+from pixeldit.embedders import encode_theta as embed_theta
 from pixeldit.runconfig import ConfigError, RunConfig
 from pixeldit.sampling import REFERENCE_T2I_TIME, ReferenceT2ITime, sample_batched
 
@@ -28,7 +29,7 @@ __all__ = [
     "encode_theta",
     "labels_for_plot",
     "make_conditions",
-    "theta_encoding_for",
+    "theta_box",
     "value_range_for",
 ]
 
@@ -58,39 +59,39 @@ class ConstantLabelDataset:
         return dict(self.dataset.metadata(), condition="class", num_classes=1, unconditional=True)
 
 
-def theta_encoding_for(dataset) -> dict[str, Any]:
-    """The affine theta encoding of ``dataset``: ``center`` and ``scale`` per component.
+def theta_box(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` of theta for the affine encoding: the GRF prior box, else the data's range.
 
-    The theta model embeds each component with ``Linear(theta_channels -> D)`` followed by
-    RMSNorm.  Fed a bare scalar (``theta_channels = 1``) that keeps only the scalar's sign at
-    initialisation (the bias starts at zero, and RMSNorm divides the magnitude out), so the
-    model cannot tell slope 1 from slope 4.  The encoding feeds each component as the pair
-    ``((theta - center) / scale, 1)`` instead (``theta_channels = 2``): the token's direction
-    then moves with theta.  ``center`` / ``scale`` map the GRF prior box, or the data's range,
-    to [-1, 1].
+    ``ThetaConfig.with_encoding(low, high)`` turns it into the model's own encoding
+    (:func:`pixeldit.embedders.encode_theta`).
     """
     meta = dataset.metadata()
     if "prior_low" in meta and "prior_high" in meta:
-        lo, hi = np.asarray(meta["prior_low"], np.float64), np.asarray(meta["prior_high"], np.float64)
-    else:
-        _, theta = dataset.arrays()
-        lo, hi = theta.min(axis=0).astype(np.float64), theta.max(axis=0).astype(np.float64)
-    scale = np.where(hi > lo, (hi - lo) / 2, 1.0)
-    return {"kind": "affine", "center": ((hi + lo) / 2).tolist(), "scale": scale.tolist()}
+        return np.asarray(meta["prior_low"], np.float64), np.asarray(meta["prior_high"], np.float64)
+    _, theta = dataset.arrays()
+    return theta.min(axis=0).astype(np.float64), theta.max(axis=0).astype(np.float64)
 
 
 def encode_theta(theta: np.ndarray, encoding: Mapping[str, Any] | None) -> np.ndarray:
-    """Model input for theta ``(N, K)``: ``(N, K, 2)`` under an affine encoding (NaN rows stay NaN), else unchanged."""
+    """Theta ``(N, K)`` under an encoding recorded in a checkpoint's dataset metadata.
+
+    ``{"kind": "affine", "center", "scale"}`` gives ``(N, K, 2)``
+    (:func:`pixeldit.embedders.encode_theta`); ``None`` or ``"none"`` leaves theta unchanged.
+    Checkpoints of theta models that carry the encoding in their config (``theta_center``) take
+    raw theta instead; this is for those that record it beside the data (:class:`ThetaEncodedDataset`).
+    """
     theta = np.asarray(theta, np.float32)
     if not encoding or encoding.get("kind") == "none":
         return theta
-    z = (theta - np.asarray(encoding["center"], np.float32)) / np.asarray(encoding["scale"], np.float32)
-    ones = np.where(np.isnan(z), np.nan, 1.0).astype(np.float32)
-    return np.stack([z, ones], axis=-1)
+    return np.asarray(embed_theta(theta, encoding["center"], encoding["scale"]))
 
 
 class ThetaEncodedDataset:
-    """A theta dataset whose batches carry :func:`encode_theta` of theta as ``y``."""
+    """A theta dataset whose batches carry :func:`encode_theta` of theta as ``y``.
+
+    The layout of theta runs whose model config has no ``theta_center`` (the encoding recorded
+    in the dataset metadata instead); :func:`pixeldit.runs.train_run` resumes such runs with it.
+    """
 
     def __init__(self, dataset, encoding: Mapping[str, Any]):
         self.dataset = dataset
@@ -177,12 +178,13 @@ def draw_samples(model, model_config, image_shape, y, y_null, *, method: str, st
                  theta_encoding: Mapping[str, Any] | None = None) -> np.ndarray:
     """Draw ``len(y)`` samples ``(N, H, W, C)`` with :func:`pixeldit.sampling.sample_batched`.
 
-    ``y`` / ``y_null`` are labels or raw theta; theta is encoded for the model with
-    ``theta_encoding`` (the checkpoint's, see :func:`encode_theta`).
+    ``y`` / ``y_null`` are labels or raw theta.  A theta model whose config carries its encoding
+    takes raw theta; otherwise theta is encoded here with ``theta_encoding`` (the checkpoint's
+    dataset metadata, see :func:`encode_theta`).
     """
     if time_convention == REFERENCE_T2I_TIME:
         model = ReferenceT2ITime(model)
-    if model_config.kind == "theta":
+    if model_config.kind == "theta" and model_config.theta_center is None:
         y, y_null = encode_theta(y, theta_encoding), encode_theta(y_null, theta_encoding)
     n = len(y)
     h, w = int(image_shape[0]), int(image_shape[1])

@@ -4,7 +4,7 @@ A *run config* is a TOML file with five sections (built-in ones ship in ``pixeld
 
     [model]   kind ("auto", "c2i" or "theta") and PixelDiT config fields; in_channels,
               num_classes and theta_dim come from the data; theta models also take
-              theta_encoding ("affine" or "none", see :func:`pixeldit.conditions.theta_encoding_for`)
+              theta_encoding ("affine" or "none", see :class:`pixeldit.model.ThetaConfig`)
     [train]   pixeldit.training.TrainConfig fields
     [data]    source ("digits", "grf", a .npz file or an image folder) and its options
     [sample]  sampling settings (also the preview grids written during training)

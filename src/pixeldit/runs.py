@@ -27,7 +27,7 @@ from pixeldit.conditions import (
     draw_samples,
     labels_for_plot,
     make_conditions,
-    theta_encoding_for,
+    theta_box,
     value_range_for,
 )
 from pixeldit.data import load_dataset
@@ -64,22 +64,19 @@ DATA_DERIVED_MODEL_FIELDS = ("in_channels", "num_classes", "theta_dim")
 def load_run_dataset(run: RunConfig):
     """The training dataset of ``run`` (image sides checked against the model's patch size).
 
-    Unconditional data is wrapped as one class; theta data is wrapped with the run's theta encoding.
+    Unconditional data is wrapped as one class.  Theta comes raw: the theta model encodes it
+    (:func:`resolve_model_config`).
     """
     patch = run.model.get("patch_size")
     ds = load_dataset(run.data.source, patch_size=patch, **run.data.options())
-    if ds.condition == "none":
-        ds = ConstantLabelDataset(ds)
-    if ds.condition == "theta" and run.model.get("theta_encoding", "affine") == "affine":
-        ds = ThetaEncodedDataset(ds, theta_encoding_for(ds))
-    return ds
+    return ConstantLabelDataset(ds) if ds.condition == "none" else ds
 
 
 def resolve_model_config(model: Mapping[str, Any], dataset):
     """The model config for ``dataset``: kind from its condition, in_channels / num_classes / theta_dim from its shape."""
     model = dict(model)
     kind = model.pop("kind", "auto")
-    model.pop("theta_encoding", None)
+    affine = model.pop("theta_encoding", "affine") == "affine"
     cond = dataset.condition
     if kind == "auto":
         kind = "theta" if cond == "theta" else "c2i"
@@ -93,7 +90,7 @@ def resolve_model_config(model: Mapping[str, Any], dataset):
         derived["num_classes"] = int(dataset.num_classes)
     else:
         derived["theta_dim"] = int(dataset.theta_dim)
-        derived["theta_channels"] = 2 if isinstance(dataset, ThetaEncodedDataset) else 1
+        derived["theta_channels"] = 2 if affine else 1
     for k, v in derived.items():
         if k in model and model[k] != v:
             raise ConfigError(f"model.{k}={model[k]} but the data {dataset.name!r} has {k}={v}; drop model.{k}")
@@ -103,7 +100,8 @@ def resolve_model_config(model: Mapping[str, Any], dataset):
     if bad:
         raise ConfigError(f"key(s) {', '.join('model.' + k for k in bad)} do not apply to a {kind} model")
     try:
-        return CONFIG_KINDS[kind](**model)
+        cfg = CONFIG_KINDS[kind](**model)
+        return cfg.with_encoding(*theta_box(dataset)) if kind == "theta" and affine else cfg
     except (TypeError, ValueError) as e:
         raise ConfigError(f"[model]: {e}") from e
 
@@ -148,6 +146,11 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     dataset = load_run_dataset(run)
     model_config = resolve_model_config(run.model, dataset)
     fresh = latest_checkpoint_step(workdir) is None
+    saved = {} if fresh else read_checkpoint_meta(workdir)
+    if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):
+        # a theta run whose encoding is recorded beside the data: resume it in that layout
+        dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])
+        model_config = model_config.replace(theta_center=None, theta_scale=None)
     if fresh:
         save_run_config(run, workdir)
     callbacks = [preview_callback(run, model_config, dataset, workdir, echo)] if run.train.sample_every else []

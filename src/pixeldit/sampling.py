@@ -108,6 +108,9 @@ with the guidance interval ``(lo_s, hi_s)`` tested against sigma.  The equivalen
            guidance_interval=sigma_interval_to_t(lo_s, hi_s))
 
 (equal in exact arithmetic; the float32 rounding differs).
+
+This module is over 500 lines because it holds one concern, the samplers: six methods that
+share the time grid, guidance and validation code, and one compiled loop each.
 """
 
 from __future__ import annotations

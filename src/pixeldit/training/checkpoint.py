@@ -301,6 +301,15 @@ def _diff_dicts(prefix: str, old: Mapping, new: Mapping, ignore: Iterable[str] =
     return out
 
 
+def _normalized_model_config(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved model config as the current config class writes it: fields added since it was
+    written take their defaults, derived fields it stored are dropped (JSON form)."""
+    try:
+        return json_roundtrip(config_from_dict(dict(d)).to_dict())
+    except (TypeError, ValueError):  # not one of this package's configs (model_fn runs): compare as stored
+        return dict(d)
+
+
 def check_compatible(saved_meta: Mapping[str, Any], new_meta: Mapping[str, Any], *, check_dataset: bool = True) -> None:
     """Raise :class:`IncompatibleCheckpointError` listing every differing field.
 
@@ -309,7 +318,8 @@ def check_compatible(saved_meta: Mapping[str, Any], new_meta: Mapping[str, Any],
     ``check_dataset``, the dataset descriptions.
     """
     saved, new = json_roundtrip(dict(saved_meta)), json_roundtrip(dict(new_meta))
-    diffs = _diff_dicts("model", saved.get("model_config", {}), new.get("model_config", {}), RESUME_FREE_MODEL_FIELDS)
+    saved_model, new_model = (_normalized_model_config(m.get("model_config", {})) for m in (saved, new))
+    diffs = _diff_dicts("model", saved_model, new_model, RESUME_FREE_MODEL_FIELDS)
     diffs += _diff_dicts("train", saved.get("train_config", {}), new.get("train_config", {}), RESUME_FREE_TRAIN_FIELDS)
     if check_dataset:
         so, no = saved.get("dataset"), new.get("dataset")
