@@ -291,16 +291,26 @@ def bench(
             raise typer.BadParameter(f"--scan-unroll must be a positive integer, 'full' or 'auto', got {scan_unroll!r}")
 
     def go():
+        hook = None
+        if gemm_floor:  # research tooling outside the library
+            from pixeldit.tools import gemm_floor as floor
+
+            hook = floor.measure
         try:
-            return run_benchmark(preset, batch_size=batch, repeats=repeats,
-                                 remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
-                                 profile_dir=None if profile is None else str(profile),
-                                 with_gemm_floor=gemm_floor)
+            result = run_benchmark(preset, batch_size=batch, repeats=repeats,
+                                   remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
+                                   profile_dir=None if profile is None else str(profile), program_hook=hook)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        return floor.add_bound_fractions(result) if gemm_floor else result
 
     result = _call(go)
-    typer.echo(json.dumps(result) if as_json else format_result(result))
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        from pixeldit.tools.gemm_floor import format_lines
+
+        typer.echo("\n".join([format_result(result), *format_lines(result)]))
 
 
 def main() -> None:
