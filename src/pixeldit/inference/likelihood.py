@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..sampling import sample_batched
+
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 MEAN_MODES = ("full", "zero_mean")
@@ -107,9 +109,30 @@ class Emulator:
             raise ValueError(f"theta_encoding center/scale must have {k} values each, got {center.shape} and {scale.shape}")
         return center, scale
 
+    def encode(self, theta) -> np.ndarray:
+        """The model's theta input for physical ``theta`` ``(B, K)``: ``(B, K, 2)`` when affine, else as is."""
+        theta = np.asarray(theta, np.float32)
+        enc = self.encoding_arrays(theta.shape[-1])
+        if enc is None:
+            return theta
+        z = (theta - enc[0]) / enc[1]
+        return np.stack([z, np.ones_like(z)], axis=-1)
+
     def log_prob(self, x, theta, **options) -> "LogProb":
         """:func:`log_prob` of this emulator (options as there)."""
         return log_prob(self, x, theta, **options)
+
+    def sample(self, theta, key, image_shape, *, method: str = "heun", num_steps: int = 24, batch_size: int = 64,
+               **options) -> np.ndarray:
+        """One field per theta row ``(B, K)`` in data units, ``(B, H, W, C)`` (guidance 1).
+
+        ``method``, ``num_steps`` and ``options`` go to :func:`pixeldit.sampling.sample_batched`.
+        """
+        theta = np.asarray(theta, np.float32)
+        shape = (len(theta),) + tuple(int(v) for v in image_shape)
+        x = sample_batched(self.model, key, shape, self.encode(theta), batch_size=batch_size, method=method,
+                           num_steps=num_steps, progress=False, **options)
+        return x * np.float32(self.data_scale)
 
 
 @dataclasses.dataclass(frozen=True)
