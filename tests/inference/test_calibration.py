@@ -107,3 +107,13 @@ def test_plots_write_files(tmp_path):
     ppc_plot(ppc_spectrum(observed, grf.simulate(np.tile([0.0, 2.5], (20, 1)), 2, 16)), path=tmp_path / "ppc.png")
     for name in ("corner", "ranks", "tarp", "ppc"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_likelihood_correlation_of_the_exact_velocity_is_one():
+    from pixeldit.inference.calibration import likelihood_correlation
+
+    fields = grf.simulate(np.array([[0.0, 2.5], [0.4, 1.5]]), 4, 8)
+    out = likelihood_correlation(Emulator(grf_velocity, mean_mode="zero_mean"), fields, points=3)
+    assert out["thetas"].shape == (2, 9, 2)
+    assert out["mean_r"] > 0.9999, out["r"]
+    np.testing.assert_allclose(out["learned"], out["exact"], atol=64e-3)  # 1e-3 nats per dimension
