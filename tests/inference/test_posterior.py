@@ -87,3 +87,17 @@ def test_bad_arguments():
         grid_posterior(ll, np.zeros(4), np.ones(4))
     with pytest.raises(ValueError, match="not finite anywhere"):
         grid_posterior(lambda th: np.full(len(th), np.nan), [0.0], [1.0])
+
+
+def test_emulator_log_likelihood_pads_chunks_without_changing_values():
+    from pixeldit.inference import Emulator, emulator_log_likelihood, log_prob
+
+    from test_likelihood import grf_velocity
+
+    emu = Emulator(grf_velocity, mean_mode="zero_mean")
+    field = grf.simulate(np.array([0.0, 2.5]), 0, 8)
+    theta = grf.sample_prior(1, 5).astype(np.float32)
+    ll = emulator_log_likelihood(emu, field, chunk=2)(theta)
+    np.testing.assert_allclose(ll, log_prob(emu, field, theta).value[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="one field"):
+        emulator_log_likelihood(emu, field[None])

@@ -80,18 +80,29 @@ def prior_box(low, high) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def emulator_log_likelihood(emulator: Emulator, x, **options) -> Callable[[np.ndarray], np.ndarray]:
+def emulator_log_likelihood(emulator: Emulator, x, *, chunk: int = 64, **options) -> Callable[[np.ndarray], np.ndarray]:
     """The learned ``log p(x | theta)`` of one field ``x`` ``(H, W, C)`` as a batch callable.
 
-    ``options`` go to :func:`pixeldit.inference.log_prob`; with ``divergence="hutchinson"`` the
-    same ``key`` serves every call, so every theta sees the same probes.
+    Thetas are solved ``chunk`` at a time, the last chunk padded by repeating its last row, so
+    that one compiled solve serves every call whatever the number of thetas (each theta has its
+    own step control, so the padding changes no value).  ``options`` go to
+    :func:`pixeldit.inference.log_prob`; with ``divergence="hutchinson"`` the same ``key`` serves
+    every call, so every theta sees the same probes.
     """
     x = np.asarray(x, np.float32)
     if x.ndim != 3:
         raise ValueError(f"x must be one field (H, W, C), got shape {x.shape}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
 
     def log_likelihood(theta):
-        return log_prob(emulator, x[None], np.asarray(theta, np.float32), **options).value[0]
+        theta = np.asarray(theta, np.float32)
+        out = []
+        for start in range(0, len(theta), chunk):
+            part = theta[start:start + chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
+            out.append(log_prob(emulator, x[None], padded, **options).value[0, :len(part)])
+        return np.concatenate(out)
 
     return log_likelihood
 
