@@ -25,7 +25,7 @@ import numpy as np
 
 from pixeldit import train as T
 from pixeldit.data import grf
-from pixeldit.inference import Emulator, emulator_log_likelihood, grid_posterior
+from pixeldit.inference import Emulator, emulator_log_likelihood, grid_posterior, log_prob
 from pixeldit.inference.calibration import exact_grf_posterior, likelihood_correlation, posterior_scores
 from pixeldit.runs import load_run_config, train_run
 
@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--posterior-fields", type=int, default=20)
     p.add_argument("--divergence", default="hutchinson", choices=["exact", "hutchinson"])
     p.add_argument("--probes", type=int, default=4)
+    p.add_argument("--noise-fields", type=int, default=4, help="fields for the Hutchinson noise of differences")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
 
@@ -73,6 +74,20 @@ def main(argv=None) -> dict:
     print(f"likelihood: mean Pearson r over {a.fields} fields = {corr['mean_r']:.4f} (min {corr['r'].min():.4f}; "
           f"target >= 0.99) in {corr_s:.0f} s")
 
+    noise = None
+    if a.divergence == "hutchinson" and a.noise_fields > 0:
+        # the same grids with other probes: the spread of (value - its mean over the grid) between two
+        # probe draws is the Hutchinson noise that the posterior sees (offsets per field drop out)
+        m = min(a.noise_fields, a.fields)
+        other = dict(opts, key=jax.random.key(1))
+        again = np.concatenate([log_prob(emu, fields[i:i + 4], corr["thetas"][i:i + 4], **other).value
+                                for i in range(0, m, 4)])
+        centred = lambda v: v - v.mean(axis=1, keepdims=True)  # noqa: E731
+        noise = float(np.std(centred(corr["learned"][:m]) - centred(again)) / np.sqrt(2))
+        print(f"Hutchinson ({a.probes} probes) noise of log-likelihood differences over the posterior region: "
+              f"{noise:.3f} nats (exact log-likelihood spread over the same grids: "
+              f"{np.mean(corr['exact_spread'][:m]):.1f} nats)")
+
     n = min(a.posterior_fields, a.fields)
     got, exact, secs = [], [], []
     for f in fields[:n]:
@@ -88,7 +103,7 @@ def main(argv=None) -> dict:
           f"{np.median(scores['std_ratio']):.2f}; {np.median(secs):.1f} s per field (median)")
     result = {
         "workdir": str(a.workdir), "divergence": a.divergence, "probes": a.probes if a.divergence == "hutchinson" else None,
-        "fields": a.fields, "mean_r": corr["mean_r"], "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
+        "fields": a.fields, "mean_r": corr["mean_r"], "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
         "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(), "fraction_ok_all": scores["fraction_ok_all"],
         "mean_z": scores["mean_z"].tolist(), "std_ratio": scores["std_ratio"].tolist(),
         "posterior_seconds": secs, "passed_likelihood": corr["mean_r"] >= 0.99, "passed_posterior": scores["passed"],
