@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepared benchmark runs on a lent GPU (docs/PERF_NOTES.md, "GPU"): one call, one budget.
+# Prepared benchmark runs on a lent GPU (docs/benchmark-log.md, "GPU"): one call, one budget.
 #
 #   bash scripts/gpu_bench.sh BUDGET_S [VARIANT ...]
 #
 # Each VARIANT is a string of `pixeldit bench` options for the xl16-256 preset, optionally
 # prefixed by environment settings (e.g. "PIXELDIT_ATTENTION=xla --batch 32"); the default list
 # is the preset itself (batch 64, stacks unrolled by scan_unroll="auto"), then batch 32, then the
-# stacks as a loop, then the preset with --gemm-floor (docs/PERF_NOTES.md).  A variant starts only when the budget left is at least 1.2x the first
+# stacks as a loop, then the preset with --gemm-floor (docs/benchmark-log.md).  A variant starts only when the budget left is at least 1.2x the first
 # one's duration.  With CHECKS=1 (default) it first runs
 # the tiny preset and the cuDNN-vs-XLA attention test; when the machine's own flax/optax cannot
 # run the package it falls back to the tested versions carried in .whl/ (made beforehand with

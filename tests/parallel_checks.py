@@ -47,7 +47,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pixeldit import parallel as par  # noqa: E402
-from pixeldit import train as T  # noqa: E402
+from pixeldit import training as T  # noqa: E402
 from pixeldit.model import C2IConfig  # noqa: E402
 
 CFG = C2IConfig(
@@ -131,7 +131,7 @@ def single(out_path, workdir):
 
     # ---- initial state, created directly in the FSDP layout on fsdp:4 (train()'s fresh start)
     mesh_f = par.make_mesh("fsdp:4")
-    fs_state = par.create_sharded_train_state(CFG, TC, mesh_f, fsdp=True)
+    fs_state = T.create_sharded_train_state(CFG, TC, mesh_f, fsdp=True)
     one = T.create_train_state(CFG, TC)  # its flat vectors are unpadded, fs_state's padded for 4 devices
     init_np = jax.tree.map(np.array, one)  # host copy: the start of the single-device and data-parallel runs
     res["fsdp_init_maxdiff"] = maxdiff(host_state(one), host_state(fs_state))
@@ -157,7 +157,7 @@ def single(out_path, workdir):
     sh = par.state_shardings(init_np, mesh4, fsdp=False)
     dp_state = jax.device_put(init_np, sh)
     res["dp_all_replicated"] = all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh))
-    dp_step, dp_traces = par.shared_sharded_train_step(dp_state, TC, mesh4)
+    dp_step, dp_traces = T.shared_sharded_train_step(dp_state, TC, mesh4)
     batch0 = par.shard_batch(Data().get_batch(0, TC.batch_size), mesh4)
     res["batch_spec"] = str(batch0["x"].sharding.spec)
     res["batch_shard_shape"] = list(batch0["x"].addressable_shards[0].data.shape)
@@ -175,7 +175,7 @@ def single(out_path, workdir):
         a.sharding.spec == jax.sharding.PartitionSpec()
         for a in jax.tree.leaves((fs_state.step, fs_state.rng, fs_state.model_state, fs_state.opt_state[1][0].count))
     )
-    fs_step, fs_traces = par.shared_sharded_train_step(fs_state, TC, mesh_f, fsdp=True)
+    fs_step, fs_traces = T.shared_sharded_train_step(fs_state, TC, mesh_f, fsdp=True)
     hlo = fs_step.lower(fs_state, par.shard_batch(Data().get_batch(0, TC.batch_size), mesh_f)).compile().as_text()
     res["fsdp_collectives"] = {
         op: [line.split(" = ")[1].split(f" {op}")[0] for line in hlo.splitlines() if re.search(rf"\b{op}(-start)?\(", line)]
@@ -202,7 +202,7 @@ def single(out_path, workdir):
         one = T.restore_train_state(mngr, step, T.abstract_train_state(CFG, TC))
         restored["one_device"] = one
         mesh22 = par.make_mesh("data:2,fsdp:2")
-        restored["mesh_2x2_fsdp"] = par.restore_sharded_train_state(mngr, step, CFG, TC, mesh22, fsdp=True)
+        restored["mesh_2x2_fsdp"] = T.restore_sharded_train_state(mngr, step, CFG, TC, mesh22, fsdp=True)
     res["restore"] = {}
     for name, st in restored.items():
         devs = {d for a in jax.tree.leaves(st) for d in a.sharding.device_set}
@@ -219,9 +219,9 @@ def single(out_path, workdir):
     lap("checkpoint")
 
     # ---- train(): start on fsdp:4 (FSDP), resume on data:4 (replicated); compare with one device
-    a = T.train(CFG, tc(steps=2, mesh="fsdp:4", fsdp=True), Data(), workdir / "run", progress=False)
+    a = T.train(CFG, tc(steps=2, mesh="fsdp:4", fsdp=True), Data(), workdir / "run", progress=False).summary
     lap("train_fsdp4")
-    b = T.train(CFG, tc(steps=4, mesh="data:4"), Data(), workdir / "run", progress=False)
+    b = T.train(CFG, tc(steps=4, mesh="data:4"), Data(), workdir / "run", progress=False).summary
     lap("train_resume_data4")
     res["train"] = {
         "a": {k: a[k] for k in ("start_step", "step", "losses", "traces")},
@@ -263,7 +263,7 @@ def multi(out_path, workdir):
     )
     res["batch_shape"] = list(batch["x"].shape)
     t1 = time.perf_counter()
-    s = T.train(CFG, tc(steps=4, mesh="data:2,fsdp:2"), Data(), workdir, progress=False)
+    s = T.train(CFG, tc(steps=4, mesh="data:2,fsdp:2"), Data(), workdir, progress=False).summary
     res["timings"] = {"start": round(t1 - t0, 2), "train": round(time.perf_counter() - t1, 2)}
     res["summary"] = {k: s[k] for k in ("start_step", "step", "losses", "traces")}
     Path(out_path).write_text(json.dumps(res, indent=1))

@@ -1,7 +1,7 @@
 """Which ``jax.nn.dot_product_attention`` implementation ``pixeldit.attention`` uses, and that they agree.
 
 The cuDNN comparison needs a GPU and is skipped elsewhere (CI has none); it ran on an H200
-(docs/PERF_NOTES.md, session 4).  The golden parity of attention is in ``test_rope_attention.py``.
+(docs/benchmark-log.md, entry 4).  The golden parity of attention is in ``test_rope_attention.py``.
 """
 
 import jax

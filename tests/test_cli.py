@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pixeldit import runs
+from pixeldit import runconfig, runs
+from pixeldit.sampling import REFERENCE_T2I_TIME
 from pixeldit.cli import app
 
 runner = CliRunner()
@@ -66,7 +67,7 @@ def digits_run(tmp_path_factory) -> Path:
 
 def test_train_writes_run(digits_run):
     assert (digits_run / "checkpoints" / "2").is_dir()
-    run = json.loads((digits_run / runs.RUN_FILE).read_text())
+    run = json.loads((digits_run / runconfig.RUN_FILE).read_text())
     assert run["name"] == "digits" and run["model"]["hidden_size"] == 16 and run["data"]["resolution"] == 8
     steps = [json.loads(line)["step"] for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -84,7 +85,7 @@ def test_resume_continues_step_count(digits_run, tmp_path):
     # without a config, --workdir alone resumes with the stored run.json
     r = invoke("train", "--workdir", wd, "--set", "train.steps=4", "--no-progress")
     assert "done: step 4 (1 this run)" in r.output
-    assert json.loads((wd / runs.RUN_FILE).read_text())["train"]["steps"] == 4
+    assert json.loads((wd / runconfig.RUN_FILE).read_text())["train"]["steps"] == 4
 
 
 def test_resume_with_changed_model_names_the_field(digits_run, tmp_path):
@@ -93,7 +94,7 @@ def test_resume_with_changed_model_names_the_field(digits_run, tmp_path):
     r = invoke("train", "digits", "--workdir", wd, *TINY, "--set", "model.pixel_hidden_size=8", ok=False)
     assert r.exit_code == 1
     assert "pixel_hidden_size" in r.output and "error:" in r.output
-    assert json.loads((wd / runs.RUN_FILE).read_text())["model"]["pixel_hidden_size"] == 4  # run.json kept
+    assert json.loads((wd / runconfig.RUN_FILE).read_text())["model"]["pixel_hidden_size"] == 4  # run.json kept
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
@@ -375,19 +376,19 @@ def test_bad_config_file(tmp_path):
 
 
 def test_builtin_configs_validate():
-    assert {"digits", "grf"} <= set(runs.builtin_configs())
+    assert {"digits", "grf"} <= set(runconfig.builtin_configs())
     for name in ("digits", "grf"):
-        run = runs.load_run_config(name)
+        run = runconfig.load_run_config(name)
         ds = runs.load_run_dataset(run)
         cfg = runs.resolve_model_config(run.model, ds)
         assert cfg.kind == ("c2i" if name == "digits" else "theta")
 
 
 def test_override_values_parse_as_toml():
-    assert runs.parse_override("train.lr=3e-4") == ("train", "lr", 3e-4)
-    assert runs.parse_override("sample.labels=[1, 7]") == ("sample", "labels", [1, 7])
-    assert runs.parse_override("data.source=my images/") == ("data", "source", "my images/")
-    assert runs.parse_override("train.remat=true") == ("train", "remat", True)
+    assert runconfig.parse_override("train.lr=3e-4") == ("train", "lr", 3e-4)
+    assert runconfig.parse_override("sample.labels=[1, 7]") == ("sample", "labels", [1, 7])
+    assert runconfig.parse_override("data.source=my images/") == ("data", "source", "my images/")
+    assert runconfig.parse_override("train.remat=true") == ("train", "remat", True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ def test_convert_and_sample_t2i(tmp_path):
     (tmp_path / "kw.json").write_text(json.dumps({"kind": "t2i", **kwargs}))
     invoke("convert", tmp_path / "t2i.safetensors", tmp_path / "wd", "--kwargs", tmp_path / "kw.json",
            "--image-size", 8, 8)
-    assert json.loads((tmp_path / "wd" / "config.json").read_text())["time_convention"] == runs.REFERENCE_T2I_TIME
+    assert json.loads((tmp_path / "wd" / "config.json").read_text())["time_convention"] == REFERENCE_T2I_TIME
     r = invoke("sample", tmp_path / "wd", "--num", 2, ok=False)
     assert r.exit_code == 1 and "--condition" in r.output
     np.savez(tmp_path / "tokens.npz", y=np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32))

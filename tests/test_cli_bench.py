@@ -23,9 +23,9 @@ def test_bench_json_last_line():
         assert 0 < result[f"{key}_gemm_gflops"] < result[f"gflops_{key}"]
         assert result[f"{key}_gemm_floor_ms"] > 0 and result[f"{key}_gemm_bound_fraction"] > 0
     assert result["train_step_gemm_gflops"] > 2 * result["forward_gemm_gflops"]
-    from pixeldit.bench import format_result
+    from pixeldit.tools.gemm_floor import format_lines
 
-    assert "matrix products timed alone: forward" in format_result(result)
+    assert "matrix products timed alone: forward" in format_lines(result)[0]
 
 
 def test_dot_calls_counts_scan_bodies_by_length():
@@ -34,7 +34,7 @@ def test_dot_calls_counts_scan_bodies_by_length():
     import jax.numpy as jnp
     import pytest
 
-    from pixeldit.bench import dot_calls, gemm_floor
+    from pixeldit.tools.gemm_floor import dot_calls, gemm_floor
 
     def f(x, ws, a, b):
         def body(h, w):

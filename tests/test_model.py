@@ -1,5 +1,7 @@
 """Whole models: golden parity through from_reference, presets, init, gradients, input checks."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,6 +215,41 @@ def test_theta_scalar_tokens_accept_2d():
     _randomise(model)
     x, t, theta = _inputs("theta")
     np.testing.assert_allclose(model(x, t, theta), model(x, t, theta[..., None]), atol=1e-6)
+
+
+def test_theta_config_encoding_makes_the_model_take_raw_theta():
+    cfg = TINY["theta"].with_encoding([0.0, -1.0, 10.0], [2.0, 1.0, 30.0])
+    assert cfg.theta_channels == 2 and cfg.theta_center == (1.0, 0.0, 20.0) and cfg.theta_scale == (1.0, 1.0, 10.0)
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # JSON lists come back as tuples
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    _randomise(model)
+    x, t, theta = _inputs("theta")
+    theta = theta.at[1].set(jnp.nan)  # a null row
+    z = (theta - jnp.array([1.0, 0.0, 20.0])) / jnp.array([1.0, 1.0, 10.0])
+    encoded = jnp.stack([z, jnp.where(jnp.isnan(z), jnp.nan, 1.0)], axis=-1)  # ((theta - c) / s, 1)
+    np.testing.assert_array_equal(model(x, t, theta), model(x, t, encoded))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(theta_center=(0.0, 0.0, 0.0)), "both or neither"),
+        (dict(theta_center=(0.0,), theta_scale=(1.0,), theta_channels=2), "theta_dim=3 values"),
+        (dict(theta_center=(0.0,) * 3, theta_scale=(1.0, 0.0, 1.0), theta_channels=2), "theta_scale must be > 0"),
+        (dict(theta_center=(0.0,) * 3, theta_scale=(1.0,) * 3), "theta_channels must be 2"),
+    ],
+)
+def test_theta_encoding_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TINY["theta"].replace(**kwargs)
+
+
+def test_theta_config_derives_its_token_fields():
+    cfg = TINY["theta"]
+    assert (cfg.txt_embed_dim, cfg.txt_max_length) == (cfg.theta_channels, cfg.theta_dim)
+    assert "txt_embed_dim" not in cfg.to_dict()
+    stored = dict(cfg.to_dict(), txt_embed_dim=1, txt_max_length=3)  # as older theta configs were written
+    assert config_from_dict(stored) == cfg
 
 
 def test_theta_token_identity_matters():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from pixeldit import parallel as par
-from pixeldit import train as T
+from pixeldit import training as T
 
 SCRIPT = Path(__file__).with_name("parallel_checks.py")
 TOL = 1e-5

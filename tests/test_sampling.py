@@ -290,6 +290,19 @@ def test_cfg_single_batched_call_and_combination():
     np.testing.assert_allclose(np.asarray(x1), np.asarray(noise) + C_VAL, atol=1e-6)
 
 
+class ConstantByLabelWithNull(ConstantByLabel):
+    def null_condition(self, y):
+        return jnp.zeros_like(y)  # label 0 is this toy model's null condition
+
+
+def test_guidance_defaults_to_the_models_null_condition():
+    noise, y, w = make_noise(b=3), jnp.ones((3,), jnp.int32), 3.0
+    explicit = sample(ConstantByLabel(), noise, y, jnp.zeros((3,), jnp.int32), method="euler", num_steps=4, guidance=w)
+    default = sample(ConstantByLabelWithNull(), noise, y, method="euler", num_steps=4, guidance=w)
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
+    assert np.abs(np.asarray(default) - np.asarray(noise) - C_VAL).max() > 0.1  # guidance did act
+
+
 def test_guidance_interval_strict():
     model = ConstantByLabel()
     noise = make_noise()

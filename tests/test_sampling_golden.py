@@ -1,7 +1,7 @@
 """Parity with the reference PyTorch samplers (Euler, Heun, FlowDPMSolver) on c2i_small weights.
 
-The golden data (/work/shared/golden/samplers.npz) was produced by the reference
-``c2i/src/diffusion.py`` samplers in float32 on the CPU.  This test FAILS if the folder is
+The golden data (tests/golden/samplers.npz) was produced by the reference
+``c2i/src/diffusion.py`` samplers in float32 on the CPU.  This test FAILS if the file is
 missing: the parity check must not be silently skipped.
 """
 
@@ -13,14 +13,14 @@ import pytest
 
 from pixeldit.sampling import sample, timesteps
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 TOL = 1e-4
 
 
 def _load(name):
     path = GOLDEN / name
     if not path.is_file():
-        pytest.fail(f"golden file missing: {path} (expected the shared golden folder at {GOLDEN})")
+        pytest.fail(f"golden file missing: {path} (expected the .npz files committed in {GOLDEN})")
     return np.load(path)
 
 

@@ -6,7 +6,7 @@ with the plain matrix-multiply rate of the same backend measured in the same run
 CPU, bfloat16 on GPU/TPU; the best of 20 calls, measured before and after the model timings),
 so each number is also a fraction of that ceiling.
 
-Named presets (``PRESETS``):
+Named presets (``BENCH_PRESETS``):
 
 * ``s8-64``: class-conditional, 64x64 RGB, batch 16, patch 8, hidden 384, 6 heads, 12 patch
   blocks, 2 pixel blocks, pixel width 16, 10 classes, float32: the reference constructor
@@ -17,17 +17,13 @@ Named presets (``PRESETS``):
   unrolled, as ``scan_unroll="auto"`` does on GPU).
 * ``tiny``: a seconds-long smoke configuration.
 
-``with_gemm_floor=True`` (``pixeldit bench --gemm-floor``) also lists every matrix product of
-the traced forward and train step (:func:`dot_calls`, a scan's body counted once per iteration),
-times each distinct product alone (:func:`gemm_floor`, best of 10 calls) and reports the sum: a
-lower bound on the program's time as long as each product runs no faster inside it than alone,
-and the fraction of the matmul ceiling the program would reach if everything but its products
-took no time.
+``program_hook`` receives the traced forward and train step (``pixeldit bench --gemm-floor``
+passes :func:`pixeldit.tools.gemm_floor.measure`, research tooling that this module does not
+import).
 """
 
 from __future__ import annotations
 
-import collections
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,12 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
-from jax.extend import core as jcore
 
 from pixeldit.attention import use_attention
-from pixeldit.model import C2IConfig, build_model, preset, resolve_scan_unroll
+from pixeldit.model import C2IConfig, abstract_model, build_model, preset, resolve_scan_unroll
 from pixeldit.runtime import settings as runtime_settings
+from pixeldit.training import TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class BenchPreset:
     description: str
 
 
-PRESETS: dict[str, Callable[[], BenchPreset]] = {
+BENCH_PRESETS: dict[str, Callable[[], BenchPreset]] = {
     "s8-64": lambda: BenchPreset(
         C2IConfig(in_channels=3, patch_size=8, num_groups=6, hidden_size=384, patch_depth=12, pixel_depth=2,
                   num_classes=10, pixel_hidden_size=16),
@@ -71,7 +66,7 @@ PRESETS: dict[str, Callable[[], BenchPreset]] = {
 }
 
 
-def _times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+def call_times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     """Wall times of ``repeats`` calls of ``fn()`` in seconds, after ``warmup`` untimed calls.
 
     ``fn`` must block until its result is ready.
@@ -88,7 +83,7 @@ def _times(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
 
 def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` calls after warm-up."""
-    return statistics.median(_times(fn, repeats, warmup))
+    return statistics.median(call_times(fn, repeats, warmup))
 
 
 def count_flops(fn: Callable, *args) -> float:
@@ -133,101 +128,10 @@ def matmul_rate(dtype=None, n: int | None = None, repeats: int = 20) -> dict[str
     b = jax.random.normal(k2, (n, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
-    times = _times(lambda: f(a, b).block_until_ready(), repeats)
+    times = call_times(lambda: f(a, b).block_until_ready(), repeats)
     flops = 2 * n**3
     return {"matmul_n": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_gflops_per_s": flops / min(times) / 1e9,
             "matmul_median_gflops_per_s": flops / statistics.median(times) / 1e9}
-
-
-@dataclass(frozen=True)
-class DotCall:
-    """One matrix product of a traced program and how often one run executes it."""
-
-    lhs_shape: tuple[int, ...]
-    rhs_shape: tuple[int, ...]
-    lhs_dtype: str
-    rhs_dtype: str
-    dtype: str  # the result's
-    lhs_contracting: tuple[int, ...]
-    rhs_contracting: tuple[int, ...]
-    lhs_batch: tuple[int, ...]
-    rhs_batch: tuple[int, ...]
-    count: int
-
-    @property
-    def flops(self) -> int:
-        """FLOPs of one execution: 2 x (batch x free x contracted) sizes."""
-        contracted = int(np.prod([self.lhs_shape[d] for d in self.lhs_contracting]))
-        lhs_rest = int(np.prod(self.lhs_shape)) // contracted
-        rhs_free = int(np.prod(self.rhs_shape)) // contracted // int(np.prod([self.rhs_shape[d] for d in self.rhs_batch]))
-        return 2 * lhs_rest * contracted * rhs_free
-
-
-def _count_dots(jaxpr: jcore.Jaxpr, times: int, found: collections.Counter) -> None:
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-            key = (tuple(lhs.shape), tuple(rhs.shape), str(lhs.dtype), str(rhs.dtype),
-                   str(eqn.outvars[0].aval.dtype), tuple(lc), tuple(rc), tuple(lb), tuple(rb))
-            found[key] += times
-            continue
-        subs = [sub for value in eqn.params.values()
-                for sub in (value if isinstance(value, (tuple, list)) else (value,))
-                if isinstance(sub, (jcore.Jaxpr, jcore.ClosedJaxpr))]
-        inner: collections.Counter = collections.Counter()
-        for sub in subs:
-            _count_dots(sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub, 1, inner)
-        if inner and name in ("while", "cond"):
-            raise ValueError(f"matrix products inside a {name!r} cannot be counted (unknown trip count or branch); "
-                             "use lax.scan, whose length is known")
-        repeat = eqn.params["length"] if name == "scan" else 1
-        for key, n in inner.items():
-            found[key] += times * repeat * n
-
-
-def dot_calls(fn: Callable, *args) -> list[DotCall]:
-    """Every matrix product (``dot_general``) that one call of ``fn(*args)`` executes, with counts.
-
-    Read from the traced program (``jax.make_jaxpr``), so the list is the same on every backend
-    and keeps the model's dtypes; attention is traced as XLA's (two batched products), as in
-    :func:`count_flops`.  A ``lax.scan`` body counts ``length`` times; products inside a
-    ``while`` loop or a ``cond`` raise ``ValueError``.  ``args`` may be arrays or
-    ``jax.ShapeDtypeStruct``.  The jaxpr is not pruned: a product whose result is never used
-    is listed although XLA would drop it.  For the train steps here the list matches the
-    optimised CPU program's ``dot`` instructions (same total FLOPs for ``s8-64`` with every
-    ``remat`` mode).  Identical products are merged, most FLOPs first.
-    """
-    with use_attention("xla"):
-        jaxpr = jax.make_jaxpr(fn)(*args)
-    found: collections.Counter = collections.Counter()
-    _count_dots(jaxpr.jaxpr, 1, found)
-    calls = [DotCall(*key, count=n) for key, n in found.items()]
-    return sorted(calls, key=lambda c: -c.flops * c.count)
-
-
-def gemm_floor(calls: list[DotCall], repeats: int = 10) -> dict[str, float]:
-    """Time each product of ``calls`` alone (best of ``repeats``); sum over its executions.
-
-    Each product is jitted by itself with the same shapes, dimension numbers and result type,
-    default layouts, on the default backend.  The best call is used, as for the matmul ceiling
-    (:func:`matmul_rate`), so the two are peak against peak and the resulting bound is an
-    optimistic one.  Each call includes its dispatch (microseconds), which overstates the
-    smallest products a little.  Returns ``floor_ms`` (the sum), ``gemm_gflops`` (their FLOPs)
-    and ``num_products`` (distinct products timed).
-    """
-    floor = 0.0
-    flops = 0
-    for i, c in enumerate(calls):
-        k1, k2 = jax.random.split(jax.random.key(i))
-        a = jax.random.normal(k1, c.lhs_shape, c.lhs_dtype)
-        b = jax.random.normal(k2, c.rhs_shape, c.rhs_dtype)
-        dims = ((c.lhs_contracting, c.rhs_contracting), (c.lhs_batch, c.rhs_batch))
-        f = jax.jit(lambda a, b, dims=dims, out=c.dtype: lax.dot_general(a, b, dims, preferred_element_type=out))
-        floor += c.count * min(_times(lambda: f(a, b).block_until_ready(), repeats))
-        flops += c.count * c.flops
-    return {"floor_ms": floor * 1e3, "gemm_gflops": flops / 1e9, "num_products": len(calls)}
 
 
 def _peak_memory() -> float | None:
@@ -239,24 +143,20 @@ def _peak_memory() -> float | None:
 
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
                   remat: bool | str | None = None, scan_unroll: int | bool | str | None = None,
-                  profile_dir: str | None = None, with_gemm_floor: bool = False) -> dict[str, Any]:
+                  profile_dir: str | None = None,
+                  program_hook: Callable[[dict[str, tuple]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time forward, train step and one CFG Euler sampler step of a preset; returns a JSON-ready dict.
 
     ``remat`` and ``scan_unroll`` override the preset's model settings.  ``profile_dir``: after
     the timings, three more train steps run under ``jax.profiler.trace`` into that folder
     (TensorBoard/XProf profile plus a Perfetto ``perfetto_trace.json.gz``) and the optimised HLO
     of the train step into ``train_step.hlo.txt`` (``scripts/trace_summary.py`` reads both).
-    ``with_gemm_floor``: also time the forward's and the train step's matrix products alone
-    (:func:`gemm_floor`) and report ``*_gemm_floor_ms``, ``*_gemm_gflops`` and
-    ``*_gemm_bound_fraction`` (the program's FLOPs over its products' summed time, as a fraction
-    of the ceiling: what it would reach if everything but the products took no time).
+    ``program_hook``: called with ``{"forward": (fn, *args), "train_step": (fn, *args)}`` (the
+    un-jitted programs and their abstract arguments); the dict it returns is merged into the result.
     """
-    from pixeldit.train import (  # noqa: PLC0415
-        TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch)
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(PRESETS)}")
-    bp = PRESETS[name]()
+    if name not in BENCH_PRESETS:
+        raise ValueError(f"unknown benchmark preset {name!r}; known: {sorted(BENCH_PRESETS)}")
+    bp = BENCH_PRESETS[name]()
     cfg = bp.model if remat is None else bp.model.replace(remat=remat)
     cfg = cfg if scan_unroll is None else cfg.replace(scan_unroll=scan_unroll)
     b = batch_size or bp.batch_size
@@ -331,16 +231,12 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
         # the optimised program, to read the profile's fusion names against
         (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
         result["profile_dir"] = str(profile_dir)
-    if with_gemm_floor:
+    if program_hook is not None:
         shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
-        programs = {
+        result.update(program_hook({
             "forward": (forward, *shapes((params, state.model_state, x, t, y))),
             "train_step": (make_train_step_fn(graphdef, tc), shapes(holder[0]), shapes(batch)),
-        }
-        for key, (fn, *args) in programs.items():
-            floor = gemm_floor(dot_calls(fn, *args))
-            result[f"{key}_gemm_floor_ms"] = floor["floor_ms"]
-            result[f"{key}_gemm_gflops"] = floor["gemm_gflops"]
+        }))
 
     # The ceiling is measured before and after the model timings; the higher one is kept, so a
     # slow moment of a shared machine cannot make the model look closer to the ceiling.
@@ -349,10 +245,6 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
     ceiling = result["matmul_gflops_per_s"]
     result["forward_fraction_of_matmul"] = result["forward_gflops_per_s"] / ceiling
     result["train_step_fraction_of_matmul"] = result["train_step_gflops_per_s"] / ceiling
-    if with_gemm_floor:
-        for key in ("forward", "train_step"):
-            result[f"{key}_gemm_bound_fraction"] = (
-                result[f"gflops_{key}"] / (result[f"{key}_gemm_floor_ms"] / 1e3) / ceiling)
     return result
 
 
@@ -370,13 +262,30 @@ def format_result(r: dict[str, Any]) -> str:
         f"compile {r['compile_s']:.1f} s",
         f"sampler step (CFG, 2B forward): {r['sample_step_ms']:.1f} ms",
     ]
-    if "forward_gemm_floor_ms" in r:
-        lines.append(
-            "matrix products timed alone: forward {:.1f} ms ({:.1f} GFLOP; bound {:.0f}% of matmul), "
-            "train step {:.1f} ms ({:.1f} GFLOP; bound {:.0f}% of matmul)".format(
-                r["forward_gemm_floor_ms"], r["forward_gemm_gflops"], 100 * r["forward_gemm_bound_fraction"],
-                r["train_step_gemm_floor_ms"], r["train_step_gemm_gflops"],
-                100 * r["train_step_gemm_bound_fraction"]))
     if r.get("peak_memory_gib") is not None:
         lines.append(f"peak memory: {r['peak_memory_gib']:.2f} GiB")
     return "\n".join(lines)
+
+
+def forward_flops(model_config, image_size: tuple[int, int], batch: int = 1) -> float:
+    """FLOPs of one forward pass at ``image_size`` and ``batch`` (no weights allocated).
+
+    Counted by :func:`count_flops` (XLA's cost analysis of the lowered program)
+    with the block stacks fully unrolled (``scan_unroll=True``): XLA counts a while loop's body
+    once whatever its trip count.
+    """
+    graphdef, state = nnx.split(abstract_model(model_config.replace(scan_unroll=True)))
+    h, w = image_size
+    x = jax.ShapeDtypeStruct((batch, h, w, model_config.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    if model_config.kind == "c2i":
+        y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    elif model_config.kind == "theta":
+        y = jax.ShapeDtypeStruct((batch, model_config.theta_dim, model_config.theta_channels), jnp.float32)
+    else:
+        y = jax.ShapeDtypeStruct((batch, model_config.txt_max_length, model_config.txt_embed_dim), jnp.float32)
+
+    def forward(state, x, t, y):
+        return nnx.merge(graphdef, state)(x, t, y)
+
+    return count_flops(forward, state, x, t, y)

@@ -37,8 +37,8 @@ def _errors() -> tuple[type[BaseException], ...]:
     """Exceptions reported as a one-line error instead of a traceback."""
     from pixeldit.convert import ConversionError
     from pixeldit.data import DataError
-    from pixeldit.runs import ConfigError
-    from pixeldit.train import IncompatibleCheckpointError, NonFiniteLossError
+    from pixeldit.runconfig import ConfigError
+    from pixeldit.training import IncompatibleCheckpointError, NonFiniteLossError
 
     return (ConfigError, DataError, ConversionError, IncompatibleCheckpointError, NonFiniteLossError,
             FileNotFoundError, ImportError)
@@ -77,18 +77,18 @@ def train(
 ) -> None:
     """Train a model (resumes when WORKDIR already holds a checkpoint)."""
     from pixeldit import runs
+    from pixeldit.runconfig import ConfigError, load_run_config
+    from pixeldit.training import latest_checkpoint_step
 
     def go():
         if config is None and workdir is None:
-            raise runs.ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
-        run = runs.load_run_config(config if config is not None else workdir, set_, data=data)
+            raise ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
+        run = load_run_config(config if config is not None else workdir, set_, data=data)
         wd = workdir if workdir is not None else Path("runs") / run.name
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
         try:
             return runs.train_run(run, wd, progress=progress, echo=typer.echo)
         except KeyboardInterrupt:
-            from pixeldit.train import latest_checkpoint_step
-
             step = latest_checkpoint_step(wd)
             saved = f"checkpoint at step {step} in {wd}" if step is not None else "no checkpoint yet"
             typer.echo(f"\ninterrupted: {saved}; run the same command again to resume", err=True)
@@ -202,19 +202,20 @@ def convert(
     step: Optional[int] = typer.Option(None, "--step", help="Workdir checkpoint step (default: latest)."),
 ) -> None:
     """Reference checkpoint <-> this project's checkpoint directory (direction from SOURCE)."""
-    from pixeldit import runs
+    from pixeldit import convert
+    from pixeldit.runconfig import ConfigError
 
     def go():
         if source.is_dir():
             if preset or kwargs or kind or image_size:
-                raise runs.ConfigError("--preset/--kwargs/--kind/--image-size apply to reference files, not to a workdir source")
-            return runs.convert_to_reference(source, dest, step=step, ema=not raw)
+                raise ConfigError("--preset/--kwargs/--kind/--image-size apply to reference files, not to a workdir source")
+            return convert.workdir_to_reference_file(source, dest, step=step, ema=not raw)
         if not source.exists():
             raise FileNotFoundError(f"no such file or workdir: {source}")
-        if not runs.is_reference_file(source):
-            raise runs.ConfigError(f"'{source}' is neither a workdir nor a reference checkpoint ({', '.join(runs.REFERENCE_FILE_SUFFIXES)})")
-        return runs.convert_from_reference(source, dest, kwargs_file=kwargs, preset_name=preset, kind=kind,
-                                           ema=not raw, image_size=image_size)
+        if not convert.is_reference_file(source):
+            raise ConfigError(f"'{source}' is neither a workdir nor a reference checkpoint ({', '.join(convert.REFERENCE_FILE_SUFFIXES)})")
+        return convert.reference_file_to_workdir(source, dest, kwargs_file=kwargs, preset_name=preset, kind=kind,
+                                                 ema=not raw, image_size=image_size)
 
     res = _call(go)
     if "file" in res:
@@ -290,16 +291,26 @@ def bench(
             raise typer.BadParameter(f"--scan-unroll must be a positive integer, 'full' or 'auto', got {scan_unroll!r}")
 
     def go():
+        hook = None
+        if gemm_floor:  # research tooling outside the library
+            from pixeldit.tools import gemm_floor as floor
+
+            hook = floor.measure
         try:
-            return run_benchmark(preset, batch_size=batch, repeats=repeats,
-                                 remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
-                                 profile_dir=None if profile is None else str(profile),
-                                 with_gemm_floor=gemm_floor)
+            result = run_benchmark(preset, batch_size=batch, repeats=repeats,
+                                   remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
+                                   profile_dir=None if profile is None else str(profile), program_hook=hook)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        return floor.add_bound_fractions(result) if gemm_floor else result
 
     result = _call(go)
-    typer.echo(json.dumps(result) if as_json else format_result(result))
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        from pixeldit.tools.gemm_floor import format_lines
+
+        typer.echo("\n".join([format_result(result), *format_lines(result)]))
 
 
 def main() -> None:

@@ -21,16 +21,18 @@ or wrongly shaped raises :class:`ConversionError` listing the offending keys.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixeldit.model import C2IConfig, T2IConfig, build_model
+from pixeldit.model import C2IConfig, T2IConfig, build_model, preset
+from pixeldit.sampling import REFERENCE_T2I_TIME
+from pixeldit.training.checkpoint import load_checkpoint, save_model_checkpoint
 
 # Reference constructor arguments that do not change the network's function or weights.
 IGNORED_REFERENCE_KWARGS = {
@@ -305,3 +307,84 @@ def save_reference_safetensors(model, path: str | os.PathLike) -> Path:
     save_file(to_reference_state_dict(model), str(tmp))
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference files <-> run directories (behind `pixeldit convert`)
+# ---------------------------------------------------------------------------------------------
+
+REFERENCE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+
+
+def is_reference_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a reference checkpoint file (by its suffix)."""
+    return Path(path).suffix.lower() in REFERENCE_FILE_SUFFIXES
+
+
+def _read_reference_kwargs(kwargs_file: str | os.PathLike) -> tuple[str | None, dict]:
+    path = Path(kwargs_file)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read reference kwargs '{path}': {e}") from e
+    if not isinstance(d, dict):
+        raise ConversionError(f"'{path}' must hold a JSON object of reference constructor arguments")
+    kind = d.pop("kind", None)
+    return kind, d
+
+
+def reference_file_to_workdir(checkpoint_file: str | os.PathLike, workdir: str | os.PathLike, *,
+                           kwargs_file: str | os.PathLike | None = None, preset_name: str | None = None,
+                           kind: str | None = None, ema: bool = True,
+                           image_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """Reference checkpoint file (.safetensors / .ckpt / .pth) -> a workdir checkpoint.
+
+    The architecture comes from ``preset_name`` (``"XL/16"``...) or from ``kwargs_file`` (JSON of
+    the reference constructor's keyword arguments, optionally with ``"kind": "c2i" | "t2i"``;
+    ``kind`` overrides it, default ``c2i``).  ``ema`` picks the EMA weights of Lightning
+    checkpoints.  t2i checkpoints are marked with the reference time convention so that
+    :func:`pixeldit.runs.sample_run` wraps them in :class:`pixeldit.sampling.ReferenceT2ITime`.
+    ``image_size`` (H, W) is recorded as the default sampling size (default 256 x 256).
+    """
+    if (kwargs_file is None) == (preset_name is None):
+        raise ConversionError("give exactly one of a reference kwargs JSON file (--kwargs) or a preset (--preset)")
+    if preset_name is not None:
+        try:
+            cfg = preset(preset_name)
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+        if kind is not None and kind != cfg.kind:
+            raise ConversionError(f"preset {preset_name} is a {cfg.kind} model, not {kind}")
+    else:
+        file_kind, kwargs = _read_reference_kwargs(kwargs_file)
+        kind = kind or file_kind or "c2i"
+        try:
+            cfg = config_from_reference(kind, kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"reference kwargs '{kwargs_file}': {e}") from e
+    state_dict = read_checkpoint_file(checkpoint_file, ema=ema)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    load_reference_state_dict(model, state_dict)
+    size = tuple(int(v) for v in image_size) if image_size else (256, 256)
+    extra = {"source": {"reference_file": str(Path(checkpoint_file).resolve()), "ema": ema}}
+    if cfg.kind == "t2i":
+        extra["time_convention"] = REFERENCE_T2I_TIME
+    try:
+        path = save_model_checkpoint(model, workdir, image_shape=(*size, cfg.in_channels), extra_meta=extra)
+    except FileExistsError as e:
+        raise ConversionError(str(e)) from e
+    return {"checkpoint": str(path), "workdir": str(workdir), "kind": cfg.kind, "num_tensors": len(state_dict),
+            "config": cfg.to_dict()}
+
+
+def workdir_to_reference_file(workdir: str | os.PathLike, out_file: str | os.PathLike, *, step: int | None = None,
+                         ema: bool = True) -> dict[str, Any]:
+    """A workdir checkpoint (EMA weights by default) -> reference-named ``.safetensors``."""
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise ConversionError(f"the output file must end in .safetensors, got '{out_file}'")
+    ckpt = load_checkpoint(workdir, step=step, ema=ema)
+    model, model_config = ckpt.model, ckpt.model_config
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_reference_safetensors(model, out_file)
+    return {"file": str(out_file), "kind": model_config.kind, "num_tensors": len(to_reference_state_dict(model))}

@@ -133,6 +133,20 @@ class ClassEmbedder(nnx.Module):
 THETA_TOKEN_EMBEDDINGS = ("learned", "sincos", "none")
 
 
+def encode_theta(theta: jax.Array, center, scale) -> jax.Array:
+    """Raw theta ``(..., K)`` -> ``(..., K, 2)``: the pairs ``((theta - center) / scale, 1)``.
+
+    Why: a theta component fed as a bare scalar goes through ``Linear(1 -> D)``, a direction
+    times the scalar, so at initialisation (zero bias) its token only moves along one line and an
+    RMSNorm would keep only its sign.  With the constant second channel the token's direction
+    moves with theta.  ``center`` / ``scale`` (``(K,)``) map the prior box or the data's range to
+    [-1, 1].  NaN components (the null condition) stay NaN in both channels.
+    """
+    z = (theta - jnp.asarray(center, jnp.float32)) / jnp.asarray(scale, jnp.float32)
+    ones = jnp.where(jnp.isnan(z), jnp.nan, 1.0).astype(z.dtype)
+    return jnp.stack([z, ones], axis=-1)
+
+
 class ThetaEmbedder(nnx.Module):
     """Parameter vector ``theta`` -> ``K`` condition tokens for the theta-conditional model.
 

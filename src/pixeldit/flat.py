@@ -6,7 +6,7 @@ every parameter leaf; applied leaf by leaf they become ~5 XLA kernels per leaf (
 ``s8-64`` train step's 619 fused kernels, 41 leaves), and on CPU compile time follows the number
 of kernels, not their sizes.  On one vector they are a handful of kernels whatever the model.
 Measured on ``s8-64`` (2-core CPU): the train step's first call fell from ~10 s to ~6 s at the
-same step time (``docs/PERF_NOTES.md``).
+same step time (``docs/benchmark-log.md``).
 
 The model still sees its ordinary per-leaf ``nnx.State``: :meth:`ParamLayout.unflatten` slices
 the vector (static slices, which XLA fuses into their consumers), and its custom VJP returns the

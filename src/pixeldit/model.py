@@ -19,6 +19,32 @@ run with ``jax.lax.scan``, so compile time does not grow with depth; ``remat`` (
 ``"dots"``) wraps each block in ``jax.checkpoint``.  Deliberate deviation: the reference keeps
 per-block modules (``patch_blocks.0``, ``patch_blocks.1``...); :mod:`pixeldit.convert` stacks /
 unstacks them.
+
+Initialisation, every rule in one table (the reference's ``initialize_weights`` and torch's
+defaults; each rule is applied where the module is built, named in the last column):
+
+=============================================  =============================================  ==============================
+parameter                                      rule                                           set by
+=============================================  =============================================  ==============================
+every ``Linear`` not named below (attention    kernel ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``   ``modules.linear``
+qkv/proj, MLPs, pixel embedder, theta proj)    (torch's default), bias zero                   (``torch_default_kernel_init``)
+``s_embedder.proj``, t2i ``y_embedder.proj``   ``xavier_uniform`` kernel, bias zero           ``embedders.PatchTokenEmbedder``
+``t_embedder.mlp`` (both linears)              ``normal(std=0.02)`` kernel, bias zero         ``modules.TimestepConditioner``
+``y_embedder.embedding_table`` (c2i)           ``normal(std=0.02)``                           ``embedders.ClassEmbedder``
+``adaLN_modulation*`` (DiT, MMDiT, PiT)        zero kernel and bias (adaLN-Zero) in the c2i   ``blocks._adaln``, switched by
+                                               and theta models; torch default in t2i,        ``_zero_init_adaln`` of each
+                                               whose reference zeroes only the final layer    model class
+``final_layer.linear``                         zero kernel and bias                           ``modules.FinalLayer``
+RMSNorm ``weight``                             ones                                           ``modules.RMSNorm``
+``y_pos_embedding`` (t2i)                      ``normal(std=1)`` (``torch.randn``)            :class:`PixelDiTT2I`
+theta ``null_token``, ``pos_embedding``        ``normal(std=0.02)``; ``"sincos"``: a fixed    ``embedders.ThetaEmbedder``
+                                               table
+=============================================  =============================================  ==============================
+
+With zero adaLN and final layers a fresh c2i or theta model outputs exactly zero.
+
+This module is over 500 lines because it holds one concern, the models and their configs,
+together: the configs (with presets) and the classes built from them change together.
 """
 
 from __future__ import annotations
@@ -26,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +66,7 @@ from pixeldit.embedders import (
     PatchTokenEmbedder,
     PixelTokenEmbedder,
     ThetaEmbedder,
+    encode_theta,
     unpatchify,
     patchify,
 )
@@ -58,7 +85,7 @@ MLP_RATIO = 4.0  # the reference hard-codes mlp_ratio=4 for every block
 
 
 @dataclass(frozen=True)
-class _Config:
+class PixelDiTConfig:
     """Fields shared by every PixelDiT; defaults are the reference constructor's."""
 
     kind: ClassVar[str] = ""
@@ -98,7 +125,7 @@ class _Config:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
 
-    def replace(self, **changes) -> "_Config":
+    def replace(self, **changes) -> "PixelDiTConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +150,7 @@ def _check_heads(width_name: str, width: int, heads_name: str, heads: int) -> No
 
 
 @dataclass(frozen=True)
-class C2IConfig(_Config):
+class C2IConfig(PixelDiTConfig):
     """Class-conditional PixelDiT (reference ``PixDiT``)."""
 
     kind: ClassVar[str] = "c2i"
@@ -144,7 +171,7 @@ class C2IConfig(_Config):
 
 
 @dataclass(frozen=True)
-class T2IConfig(_Config):
+class T2IConfig(PixelDiTConfig):
     """Text (token) conditional PixelDiT (reference ``PixDiT_T2I``)."""
 
     kind: ClassVar[str] = "t2i"
@@ -181,13 +208,21 @@ class T2IConfig(_Config):
 
 
 @dataclass(frozen=True)
-class ThetaConfig(T2IConfig):
+class ThetaConfig(PixelDiTConfig):
     """PixelDiT conditioned on a parameter vector ``theta`` of ``theta_dim`` components.
 
-    The token-conditional architecture with theta as ``K = theta_dim`` tokens: input
-    ``(B, K)`` (scalar components) or ``(B, K, theta_channels)``.  Token identity comes from
-    ``token_embedding`` ("learned", "sincos" or "none"); text RoPE is off by default because
-    theta's components are unordered.  ``txt_embed_dim``/``txt_max_length`` are derived.
+    The token-conditional architecture of :class:`T2IConfig` (MMDiT blocks) with theta as
+    ``K = theta_dim`` tokens of ``theta_channels`` features each: input ``(B, K)`` or
+    ``(B, K, theta_channels)``.  Token identity comes from ``token_embedding`` ("learned",
+    "sincos" or "none"); text RoPE is off by default because theta's components are unordered.
+    The text fields of :class:`T2IConfig` are properties here: ``txt_embed_dim`` is
+    ``theta_channels`` and ``txt_max_length`` is ``theta_dim``.
+
+    ``theta_center`` / ``theta_scale`` (one value per component; both or neither) make the model
+    encode raw theta ``(B, K)`` itself, as the pairs ``((theta - center) / scale, 1)``
+    (:func:`pixeldit.embedders.encode_theta`, which says why; ``theta_channels`` must be 2).
+    ``pixeldit train`` sets them from the data (the prior box or the data's range maps to
+    [-1, 1]); :meth:`with_encoding` sets them from Python.
     """
 
     kind: ClassVar[str] = "theta"
@@ -199,38 +234,77 @@ class ThetaConfig(T2IConfig):
     patch_depth: int = 6
     pixel_depth: int = 2
     patch_size: int = 4
-    theta_dim: int = 2
-    theta_channels: int = 1
-    token_embedding: str = "learned"
-    use_text_rope: bool = False
-    txt_embed_dim: int = -1  # derived: theta_channels
-    txt_max_length: int = -1  # derived: theta_dim
+    pixel_attn_hidden_size: int | None = None  # PiT attention width (None: hidden_size)
+    pixel_num_groups: int | None = None  # PiT attention heads (None: num_groups)
+    use_text_rope: bool = False  # 1D RoPE over the theta tokens (off: the components are unordered)
+    text_rope_theta: float = ROPE_THETA
+    theta_dim: int = 2  # K: components of theta, one token each
+    theta_channels: int = 1  # features per token: 1 (raw scalar) or 2 (the affine encoding)
+    token_embedding: str = "learned"  # token identity: "learned", "sincos" or "none"
+    theta_center: tuple[float, ...] | None = None  # affine encoding: center per component
+    theta_scale: tuple[float, ...] | None = None  # affine encoding: scale per component
 
     def __post_init__(self):
+        super().__post_init__()
         if self.theta_dim < 1 or self.theta_channels < 1:
             raise ValueError(f"theta_dim and theta_channels must be >= 1, got {self.theta_dim}, {self.theta_channels}")
         if self.token_embedding not in THETA_TOKEN_EMBEDDINGS:
             raise ValueError(f"token_embedding must be one of {THETA_TOKEN_EMBEDDINGS}, got {self.token_embedding!r}")
-        object.__setattr__(self, "txt_embed_dim", self.theta_channels)
-        object.__setattr__(self, "txt_max_length", self.theta_dim)
-        super().__post_init__()
+        _check_heads("pixel_attn_hidden_size", self.pixel_attn_width, "pixel_num_groups", self.pixel_heads)
+        if (self.theta_center is None) != (self.theta_scale is None):
+            raise ValueError("theta_center and theta_scale go together: give both or neither")
+        if self.theta_center is not None:
+            center = tuple(float(v) for v in self.theta_center)
+            scale = tuple(float(v) for v in self.theta_scale)
+            if len(center) != self.theta_dim or len(scale) != self.theta_dim:
+                raise ValueError(f"theta_center and theta_scale need theta_dim={self.theta_dim} values each, "
+                                 f"got {len(center)} and {len(scale)}")
+            if not all(v > 0 for v in scale):
+                raise ValueError(f"theta_scale must be > 0, got {scale}")
+            if self.theta_channels != 2:
+                raise ValueError(f"the affine theta encoding feeds 2 channels per token: theta_channels must be 2, "
+                                 f"got {self.theta_channels}")
+            object.__setattr__(self, "theta_center", center)  # JSON lists back to hashable tuples
+            object.__setattr__(self, "theta_scale", scale)
+
+    def with_encoding(self, low: Sequence[float], high: Sequence[float]) -> "ThetaConfig":
+        """This config with the affine encoding that maps the box ``[low, high]`` to ``[-1, 1]``."""
+        lo, hi = np.asarray(low, np.float64), np.asarray(high, np.float64)
+        scale = np.where(hi > lo, (hi - lo) / 2, 1.0)
+        return self.replace(theta_channels=2, theta_center=tuple(((hi + lo) / 2).tolist()), theta_scale=tuple(scale.tolist()))
+
+    @property
+    def txt_embed_dim(self) -> int:
+        return self.theta_channels
+
+    @property
+    def txt_max_length(self) -> int:
+        return self.theta_dim
+
+    @property
+    def pixel_attn_width(self) -> int:
+        return self.pixel_attn_hidden_size or self.hidden_size
+
+    @property
+    def pixel_heads(self) -> int:
+        return self.pixel_num_groups or self.num_groups
 
 
-CONFIG_KINDS: dict[str, type[_Config]] = {"c2i": C2IConfig, "t2i": T2IConfig, "theta": ThetaConfig}
+CONFIG_KINDS: dict[str, type[PixelDiTConfig]] = {"c2i": C2IConfig, "t2i": T2IConfig, "theta": ThetaConfig}
 
 
-def config_from_dict(d: dict[str, Any]) -> _Config:
+def config_from_dict(d: dict[str, Any]) -> PixelDiTConfig:
     """Rebuild a config from :meth:`to_dict` output (``kind`` selects the class)."""
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in CONFIG_KINDS:
         raise ValueError(f"config kind must be one of {sorted(CONFIG_KINDS)}, got {kind!r}")
     cls = CONFIG_KINDS[kind]
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} | ({"txt_embed_dim", "txt_max_length"} if cls is ThetaConfig else set())
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-    if cls is ThetaConfig:
+    if cls is ThetaConfig:  # derived fields that older theta configs stored
         d.pop("txt_embed_dim", None)
         d.pop("txt_max_length", None)
     return cls(**d)
@@ -238,7 +312,7 @@ def config_from_dict(d: dict[str, Any]) -> _Config:
 
 # Named presets from the paper (class-to-image Table: B/L/XL with patch 16 and pixel width 16;
 # the 1.3B text-to-image model).  Parameter counts match the reference models exactly.
-PRESETS: dict[str, Callable[[], _Config]] = {
+PRESETS: dict[str, Callable[[], PixelDiTConfig]] = {
     "B/16": lambda: C2IConfig(in_channels=3, hidden_size=768, num_groups=12, patch_depth=12, pixel_depth=2,
                               pixel_hidden_size=16, patch_size=16, num_classes=1000),
     "L/16": lambda: C2IConfig(in_channels=3, hidden_size=1024, num_groups=16, patch_depth=22, pixel_depth=4,
@@ -251,7 +325,7 @@ PRESETS: dict[str, Callable[[], _Config]] = {
 }
 
 
-def preset(name: str, **overrides) -> _Config:
+def preset(name: str, **overrides) -> PixelDiTConfig:
     """A named preset (``"B/16"``, ``"L/16"``, ``"XL/16"``, ``"T2I-1.3B"``), optionally with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -278,7 +352,7 @@ def resolve_scan_unroll(unroll: int | bool | str) -> int | bool:
     """The ``lax.scan`` unroll for a config's ``scan_unroll`` on the default backend.
 
     ``"auto"`` is ``True`` (every block inlined) on GPU/TPU and ``1`` (a loop) on CPU.  Measured
-    (docs/PERF_NOTES.md): on an H200 the unrolled ``xl16-256`` train step is 16-17 % faster
+    (docs/benchmark-log.md): on an H200 the unrolled ``xl16-256`` train step is 16-17 % faster
     (the loop's residual stacks and weight slices are gone) for about twice the compile time;
     on the 2-core CPU the step time is the same and the compile time doubles.
     """
@@ -348,9 +422,9 @@ def _at_matmul_precision(call: Callable) -> Callable:
 class _PixelDiTBase(nnx.Module):
     """The shared pixel-level pathway and input checks."""
 
-    config: _Config
+    config: PixelDiTConfig
 
-    def _init_pixel_pathway(self, cfg: _Config, rngs: nnx.Rngs, kw: dict) -> None:
+    def _init_pixel_pathway(self, cfg: PixelDiTConfig, rngs: nnx.Rngs, kw: dict) -> None:
         self.pixel_embedder = PixelTokenEmbedder(
             cfg.in_channels, cfg.pixel_hidden_size, use_pixel_abs_pos=cfg.use_pixel_abs_pos, rngs=rngs, **kw
         )
@@ -402,7 +476,7 @@ class _PixelDiTBase(nnx.Module):
             raise ValueError(f"t must be a scalar or have shape (B,) = ({b},), got {t.shape}")
         return x.astype(jnp.dtype(cfg.dtype)), t.astype(jnp.float32)
 
-    def _dtypes(self, cfg: _Config) -> dict:
+    def _dtypes(self, cfg: PixelDiTConfig) -> dict:
         return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
@@ -422,7 +496,7 @@ class PixelDiT(_PixelDiTBase):
         self.t_embedder = TimestepConditioner(cfg.hidden_size, rngs=rngs, **kw)
         self.y_embedder = ClassEmbedder(cfg.num_classes + 1, cfg.hidden_size, rngs=rngs, **kw)
         self.patch_blocks = _stacked(
-            lambda r: DiTBlock(cfg.hidden_size, cfg.num_groups, MLP_RATIO, zero_init_adaln=True, rngs=r, **kw),
+            lambda r: DiTBlock(cfg.hidden_size, cfg.num_groups, MLP_RATIO, zero_init_adaln=self._zero_init_adaln, rngs=r, **kw),
             cfg.patch_depth,
             rngs,
         )
@@ -544,7 +618,8 @@ class PixelDiTT2I(_PixelDiTBase):
 class PixelDiTTheta(PixelDiTT2I):
     """PixelDiT conditioned on a parameter vector: ``model(x, t, theta) -> v``.
 
-    ``theta`` ``(B, K)`` or ``(B, K, theta_channels)``; NaN entries mark the null condition
+    ``theta`` ``(B, K)`` or ``(B, K, theta_channels)`` (raw ``(B, K)`` is encoded first when the
+    config carries an encoding, see :class:`ThetaConfig`); NaN entries mark the null condition
     used for classifier-free guidance (see :meth:`null_condition`).  adaLN projections are
     zero-initialised as in the class-conditional model.
     """
@@ -562,7 +637,9 @@ class PixelDiTTheta(PixelDiTT2I):
     def _check_condition(self, y: jax.Array, b: int) -> jax.Array:
         cfg = self.config
         y = jnp.asarray(y)
-        if y.ndim == 2 and cfg.theta_channels == 1:
+        if cfg.theta_center is not None and y.shape == (b, cfg.theta_dim):  # raw theta: the config's encoding
+            y = encode_theta(y.astype(jnp.float32), cfg.theta_center, cfg.theta_scale)  # (B, K, 2)
+        elif y.ndim == 2 and cfg.theta_channels == 1:
             y = y[..., None]
         if y.shape != (b, cfg.theta_dim, cfg.theta_channels):
             raise ValueError(
@@ -578,17 +655,17 @@ class PixelDiTTheta(PixelDiTT2I):
 MODEL_CLASSES = {"c2i": PixelDiT, "t2i": PixelDiTT2I, "theta": PixelDiTTheta}
 
 
-def build_model(config: _Config, *, rngs: nnx.Rngs) -> _PixelDiTBase:
+def build_model(config: PixelDiTConfig, *, rngs: nnx.Rngs) -> _PixelDiTBase:
     """Construct the model class that matches ``config.kind``."""
     return MODEL_CLASSES[config.kind](config, rngs=rngs)
 
 
-def abstract_model(config: _Config) -> _PixelDiTBase:
+def abstract_model(config: PixelDiTConfig) -> _PixelDiTBase:
     """The model with ``jax.ShapeDtypeStruct`` leaves: shapes without allocating memory."""
     return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
 
 
 def count_params(model_or_config) -> int:
     """Number of trainable parameters (``nnx.Param`` leaves); a config is counted without allocating."""
-    model = abstract_model(model_or_config) if isinstance(model_or_config, _Config) else model_or_config
+    model = abstract_model(model_or_config) if isinstance(model_or_config, PixelDiTConfig) else model_or_config
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))

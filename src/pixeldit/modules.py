@@ -1,7 +1,7 @@
 """Seed building blocks of PixelDiT (reference ``pixdit_core/modules.py``).
 
-The public names, signatures and documented behaviours here are the API this project was
-specified by (``shared/spec/modules-api.txt``); keep them exactly.  Every class takes sizes
+The public names, signatures and documented behaviours here are a fixed API (tested in
+``tests/test_modules.py``); keep them exactly.  Every class takes sizes
 first and then keyword-only ``rngs``, ``param_dtype`` (default bfloat16, as specified) and an
 optional compute ``dtype`` (``None``: computations follow the parameter / input dtype).
 

@@ -1,10 +1,11 @@
-"""Sharded training on a device mesh: data parallel, FSDP, multi-host, resharding restores.
+"""Device meshes and sharding rules: data parallel, FSDP, multi-host, batches.
 
-Everything here is JAX's own SPMD machinery: a :class:`jax.sharding.Mesh`,
+This module is the floor under :mod:`pixeldit.training` and imports nothing from it.  Everything
+here is JAX's own SPMD machinery: a :class:`jax.sharding.Mesh`,
 :class:`~jax.sharding.NamedSharding` / :class:`~jax.sharding.PartitionSpec`
-for every leaf of the :class:`~pixeldit.train.TrainState` and of the batch,
-and one ``jax.jit`` of the ordinary train step
-(:func:`pixeldit.train.make_train_step_fn`) with ``in_shardings``,
+for every leaf of the train state (:class:`pixeldit.training.TrainState`) and of the batch;
+the training package jits the ordinary train step
+(:func:`pixeldit.training.step.make_sharded_train_step`) with ``in_shardings``,
 ``out_shardings`` and the state donated.  XLA's partitioner inserts the
 collectives (gradient all-reduce / reduce-scatter, parameter all-gathers); the
 step's maths is the single-device one, so a sharded step gives the same loss
@@ -42,13 +43,13 @@ GPUs) or ``--set train.mesh=fsdp:8`` / ``--set train.mesh=data --set
 train.fsdp=true`` (FSDP).  ``train.batch_size`` is the *global* batch and must
 be divisible by the number of devices.  From Python::
 
-    from pixeldit import parallel, train
-    tc = train.TrainConfig(batch_size=256, mesh="data:2,fsdp:4")
-    train.train(model_config, tc, dataset, "runs/x")
+    from pixeldit import TrainConfig, train
+    tc = TrainConfig(batch_size=256, mesh="data:2,fsdp:4")
+    train(model_config, tc, dataset, "runs/x")
 
-or by hand: ``mesh = parallel.make_mesh("fsdp:8")``,
-``state = parallel.create_sharded_train_state(cfg, tc, mesh, fsdp=True)``,
-``step, _ = parallel.shared_sharded_train_step(state, tc, mesh, fsdp=True)``,
+or by hand (``from pixeldit import parallel, training``): ``mesh = parallel.make_mesh("fsdp:8")``,
+``state = training.create_sharded_train_state(cfg, tc, mesh, fsdp=True)``,
+``step, _ = training.shared_sharded_train_step(state, tc, mesh, fsdp=True)``,
 ``state, metrics = step(state, parallel.shard_batch(batch, mesh))``.
 
 How-to: several hosts
@@ -64,7 +65,7 @@ calls :func:`jax.distributed.initialize` when the environment asks for it:
   Open MPI ``mpirun``, Cloud TPU pods, Kubernetes).
 * ``PIXELDIT_DISTRIBUTED=0`` never initialises.
 
-:func:`pixeldit.train.train` calls it itself when a mesh is configured; a
+:func:`pixeldit.training.train` calls it itself when a mesh is configured; a
 program that uses JAX before that must call it first.  The mesh then spans the
 devices of all processes.  Data: every process calls
 ``dataset.get_batch(step, global_batch)`` (datasets are deterministic in the
@@ -81,7 +82,7 @@ Checkpoints
 orbax writes each array shard by shard (OCDBT), independently of the mesh it
 came from.  Restoring builds the abstract state of the *target* layout --
 ``jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(target_mesh,
-spec))`` leaves (:func:`abstract_sharded_state`) -- and orbax reads each
+spec))`` leaves (:func:`pixeldit.training.abstract_sharded_state`) -- and orbax reads each
 device's slice straight into place, so a checkpoint written on 8 devices
 restores on 1, on a 2x2 mesh, FSDP or not.  ``mesh``/``fsdp`` are resume-free
 train settings: resuming a run on a different mesh is allowed.
@@ -93,10 +94,9 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -105,25 +105,21 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AXES",
     "DEFAULT_MIN_SHARD_SIZE",
-    "abstract_sharded_state",
+    "batch_arrays",
     "batch_axes",
     "batch_sharding",
     "check_batch_size",
-    "create_sharded_train_state",
     "fsdp_axes",
     "fsdp_size",
     "host_batch",
     "initialize_distributed",
     "make_mesh",
-    "make_sharded_train_step",
     "param_spec",
     "parse_mesh_spec",
     "process_batch_rows",
     "replicated",
     "resolve_fsdp",
-    "restore_sharded_train_state",
     "shard_batch",
-    "shared_sharded_train_step",
     "state_shardings",
     "validate_mesh_spec",
     "with_shardings",
@@ -352,7 +348,7 @@ def param_spec(shape: Sequence[int], n: int, axes: Sequence[str], min_size: int 
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False, *, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE):
-    """:class:`~pixeldit.train.TrainState` of :class:`NamedSharding` leaves for ``abstract_state``.
+    """Train state (:class:`pixeldit.training.TrainState`) of :class:`NamedSharding` leaves for ``abstract_state``.
 
     ``abstract_state`` may hold arrays or ``ShapeDtypeStruct``s (only shapes are
     read).  Data parallel: everything replicated.  FSDP: the flat parameter,
@@ -394,168 +390,36 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
-def abstract_sharded_state(
-    model_config: Any,
-    train_config: Any,
-    mesh: Mesh,
-    fsdp: bool = False,
-    *,
-    model_fn: Callable[[], Any] | None = None,
-    min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
-) -> Any:
-    """Abstract train state laid out on ``mesh`` (restore target for any checkpoint of the run)."""
-    from pixeldit.train import abstract_train_state
-
-    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn, pad_multiple=fsdp_size(mesh, fsdp))
-    return with_shardings(abstract, state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size))
-
-
-def restore_sharded_train_state(mngr: Any, step: int, model_config: Any, train_config: Any, mesh: Mesh, fsdp: bool = False, **kw) -> Any:
-    """Restore checkpoint ``step`` of an orbax manager directly onto ``mesh`` (any saved layout)."""
-    from pixeldit.train import restore_train_state
-
-    return restore_train_state(mngr, step, abstract_sharded_state(model_config, train_config, mesh, fsdp, **kw))
-
-
-# --------------------------------------------------------------------------- #
-# State creation and the sharded step
-# --------------------------------------------------------------------------- #
-
-_INIT_CACHE: dict[Any, Any] = {}
-_STEP_CACHE: dict[Any, Any] = {}
-_CACHE_SIZE = 8
-
-
-def _cache_put(cache: dict, key, value):
-    if len(cache) >= _CACHE_SIZE:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
-    return value
-
-
-def create_sharded_train_state(
-    model_config: Any,
-    train_config: Any,
-    mesh: Mesh,
-    fsdp: bool = False,
-    *,
-    model_fn: Callable[[], Any] | None = None,
-    min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
-) -> Any:
-    """:func:`pixeldit.train.create_train_state` computed directly in its sharded layout.
-
-    The initialisation runs in one ``jax.jit`` with ``out_shardings``, so no
-    device ever holds the whole state under FSDP; values equal the
-    single-device initialisation (JAX's partitionable threefry RNG does not
-    depend on the sharding).
-    """
-    from pixeldit.train import _init_fn, abstract_train_state, create_train_state
-
-    pad = fsdp_size(mesh, fsdp)
-    abstract = abstract_train_state(model_config, train_config, model_fn=model_fn, pad_multiple=pad)
-    shardings = state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size)
-    if model_fn is not None:
-        init = jax.jit(
-            lambda: create_train_state(model_config, train_config, model=model_fn(), pad_multiple=pad), out_shardings=shardings
-        )
-        return init()
-    key = (model_config, train_config.grad_clip is None, mesh, bool(fsdp), min_shard_size)
-    init = _INIT_CACHE.get(key)
-    if init is None:
-        # the same (cached, jitted) initialiser as create_train_state, nested in a jit with out_shardings
-        init = _cache_put(_INIT_CACHE, key, jax.jit(_init_fn(model_config, train_config, pad), out_shardings=shardings))
-    return init(jnp.asarray(train_config.seed, jnp.int32))
-
-
-def make_sharded_train_step(
-    graphdef: Any,
-    train_config: Any,
-    shardings: Any,
-    mesh: Mesh,
-    *,
-    tx: Any = None,
-    compute_dtype: str | None = None,
-    on_trace: Callable[[], None] | None = None,
-):
-    """``jax.jit`` of the pure train step with explicit layouts and the state donated.
-
-    ``in_shardings=(shardings, batch_sharding(mesh))``, ``out_shardings=
-    (shardings, replicated)`` (metrics are replicated scalars, readable on
-    every host).  ``shardings`` comes from :func:`state_shardings`.  When the
-    parameter vector is split (FSDP), the step gathers it once and
-    all-reduces its gradient (:func:`pixeldit.flat.gather`).
-    """
-    from pixeldit.train import make_train_step_fn
-
-    split = shardings.flat_params.spec != P()
-    fn = make_train_step_fn(
-        graphdef, train_config, tx=tx, compute_dtype=compute_dtype, on_trace=on_trace,
-        gather_params=(replicated(mesh), shardings.flat_params) if split else None,
-    )
-    return jax.jit(
-        fn,
-        in_shardings=(shardings, batch_sharding(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
-
-
-def shared_sharded_train_step(
-    state: Any,
-    train_config: Any,
-    mesh: Mesh,
-    fsdp: bool = False,
-    compute_dtype: str | None = None,
-    *,
-    min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
-):
-    """Process-wide sharded train step for ``state``'s structure on ``mesh``, and its trace counter.
-
-    The sharded analogue of :func:`pixeldit.train.shared_train_step`: calls
-    with configs that differ only in resume-free fields (including ``mesh``
-    and ``fsdp`` themselves: the layout comes from the arguments) share one
-    compiled step.  Returns ``(step_fn, trace_counter)``; ``step_fn`` donates
-    its state argument.
-    """
-    from pixeldit.train import _numerics_key
-
-    compute_dtype = compute_dtype or train_config.compute_dtype or "float32"
-    train_key = _numerics_key(train_config, seed=0)
-    leaves = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(state))
-    key = (state.graphdef, train_key, compute_dtype, mesh, resolve_fsdp(mesh, fsdp), min_shard_size, leaves)
-    hit = _STEP_CACHE.get(key)
-    if hit is None:
-        counter = [0]
-
-        def on_trace():
-            counter[0] += 1
-
-        shardings = state_shardings(state, mesh, fsdp, min_shard_size=min_shard_size)
-        step = make_sharded_train_step(state.graphdef, train_key, shardings, mesh, compute_dtype=compute_dtype, on_trace=on_trace)
-        hit = _cache_put(_STEP_CACHE, key, (step, counter))
-    return hit
-
-
 # --------------------------------------------------------------------------- #
 # Batches
 # --------------------------------------------------------------------------- #
 
 
-def host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Numpy version of :func:`pixeldit.train.prepare_batch` (same keys and dtypes, stays on the host)."""
-    out = {"x": np.asarray(batch["x"], np.float32)}
+def batch_arrays(batch: Mapping[str, Any], xp: Any = np) -> dict[str, Any]:
+    """The one batch preparation: ``x`` float32, integer ``y`` int32, boolean ``y`` kept, other ``y``
+    float32, ``mask`` kept; no ``"y"`` key when ``y`` is absent or None (unconditional).
+
+    ``xp=np`` keeps the arrays on the host (:func:`shard_batch` places them), ``xp=jax.numpy``
+    puts them on the default device (:func:`pixeldit.training.step.prepare_batch`).
+    """
+    out = {"x": xp.asarray(batch["x"], np.float32)}
     y = batch.get("y")
     if y is not None:
-        y = np.asarray(y)
-        if np.issubdtype(y.dtype, np.integer):
-            out["y"] = y.astype(np.int32)
-        elif np.issubdtype(y.dtype, np.bool_):
-            out["y"] = y
+        dtype = np.asarray(y).dtype if not hasattr(y, "dtype") else np.dtype(y.dtype)
+        if np.issubdtype(dtype, np.integer):
+            out["y"] = xp.asarray(y, np.int32)
+        elif np.issubdtype(dtype, np.bool_):
+            out["y"] = xp.asarray(y)
         else:
-            out["y"] = y.astype(np.float32)
+            out["y"] = xp.asarray(y, np.float32)
     if batch.get("mask") is not None:
-        out["mask"] = np.asarray(batch["mask"])
+        out["mask"] = xp.asarray(batch["mask"])
     return out
+
+
+def host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """:func:`batch_arrays` on the host (numpy arrays)."""
+    return batch_arrays(batch, np)
 
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int, process_index: int | None = None) -> list[tuple[int, int]]:
@@ -597,7 +461,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, *, process_local: bool = F
     keeps only its rows, :func:`process_batch_rows`) unless ``process_local``:
     then it holds just this process's rows, in that order.  Arrays are built
     with :func:`jax.make_array_from_process_local_data`; dtypes as in
-    :func:`pixeldit.train.prepare_batch`.
+    :func:`batch_arrays`.
     """
     b = host_batch(batch)
     sharding = batch_sharding(mesh)

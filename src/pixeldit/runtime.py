@@ -1,6 +1,6 @@
 """Host runtime settings that make XLA's CPU backend faster, applied by the ``pixeldit`` command.
 
-Two settings, both measured on the ``s8-64`` benchmark (see ``docs/PERF_NOTES.md``):
+Two settings, both measured on the ``s8-64`` benchmark (see ``docs/benchmark-log.md``):
 
 * **XLA flags** (CPU-only machines): ``--xla_cpu_use_fusion_emitters=false`` and
   ``--xla_backend_optimization_level=1``.  They cut the train step's first-call compile from

@@ -1,4 +1,4 @@
-"""Access to the reference's golden outputs in ``../shared/golden`` (fails loudly if absent)."""
+"""The reference's golden outputs kept beside this module (see README.md here); fails loudly if a file is absent."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
-MAX_ABS = 1e-4  # issue's tolerance: max abs error ...
+GOLDEN_DIR = Path(__file__).resolve().parent
+MAX_ABS = 1e-4  # parity tolerance: max abs error ...
 MAX_REL_L2 = 1e-5  # ... and relative L2 error
 
 
@@ -17,7 +17,7 @@ def load(name: str):
     path = GOLDEN_DIR / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"golden reference data {path} is missing: the parity tests need ../shared/golden beside the repository"
+            f"golden reference data {path} is missing: expected the .npz files committed in tests/golden/"
         )
     data = np.load(path)
     return json.loads(str(data["config"])), data

@@ -1,4 +1,4 @@
-"""Tests for pixeldit.train: train step, EMA, checkpointing, resume, failure handling.
+"""Tests for pixeldit.training: train step, EMA, checkpointing, resume, failure handling.
 
 All tests use one tiny real c2i config on 8x8 single-channel images.  Runs that
 go through :func:`train` share one compiled train step (same numerics), so only
@@ -7,6 +7,7 @@ the first of them pays the compilation.
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
-from pixeldit import train as T
-from pixeldit.model import C2IConfig
+from pixeldit import training as T
+from pixeldit.model import C2IConfig, ThetaConfig
 
 CFG = C2IConfig(
     in_channels=1, patch_size=4, hidden_size=32, num_groups=2, patch_depth=2, pixel_depth=1, pixel_hidden_size=8, num_classes=10
@@ -204,7 +205,7 @@ def test_step_metrics_lr_follows_warmup(stepped):
 # --------------------------------------------------------------------------- train loop
 
 
-def test_train_writes_checkpoints_metrics_and_final_save(tmp_path):
+def test_train_writes_checkpoints_metrics_and_final_save(tmp_path, caplog):
     seen = []
 
     def cb(step, model):
@@ -212,7 +213,8 @@ def test_train_writes_checkpoints_metrics_and_final_save(tmp_path):
         seen.append((step, type(model).__name__, float(jnp.sum(leaf))))
 
     config = tc(steps=5, checkpoint_every=2, sample_every=2, keep_checkpoints=10)
-    summary = T.train(CFG, config, ToyDataset(), tmp_path, callbacks=cb, progress=False)
+    result = T.train(CFG, config, ToyDataset(), tmp_path, callbacks=cb, progress=False)
+    summary = result.summary
     assert summary["step"] == 5 and summary["start_step"] == 0 and len(summary["losses"]) == 5
     assert summary["checkpoint_path"].endswith("/5")
     assert summary["final_loss"] == summary["losses"][-1]
@@ -232,26 +234,34 @@ def test_train_writes_checkpoints_metrics_and_final_save(tmp_path):
     assert T.read_checkpoint_meta(tmp_path)["step"] == 5
 
     state = full_state(tmp_path)
-    model, mcfg, tcd = T.load_checkpoint(tmp_path)
-    assert mcfg == CFG and tcd == config.to_dict()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        loaded = T.load_checkpoint(tmp_path)
+    assert not [r for r in caplog.records if r.name.startswith("absl")]  # loading is quiet
+    model, mcfg = loaded.model, loaded.model_config
+    assert mcfg == CFG and loaded.train_config == config.to_dict() and loaded.step == 5 and loaded.ema
+    assert loaded.dataset == ToyDataset().metadata()
     assert tree_allclose(nnx.state(model, nnx.Param), state.ema_params, atol=0)
-    raw, _, _ = T.load_checkpoint(tmp_path, step=4, ema=False)
+    # train() hands back the trained EMA model and the final state, without a reload
+    assert tree_allclose(nnx.state(result.model, nnx.Param), state.ema_params, atol=0)
+    assert int(result.state.step) == 5 and type(result.model).__name__ == "PixelDiT"
+    raw = T.load_checkpoint(tmp_path, step=4, ema=False).model
     assert tree_allclose(nnx.state(raw, nnx.Param), full_state(tmp_path, 4).params, atol=0)
     with pytest.raises(FileNotFoundError):
         T.load_checkpoint(tmp_path, step=3)
 
     # already at `steps`: nothing to do, nothing rewritten
-    again = T.train(CFG, config, ToyDataset(), tmp_path, progress=False)
+    again = T.train(CFG, config, ToyDataset(), tmp_path, progress=False).summary
     assert again["steps_run"] == 0 and again["final_loss"] is None
 
 
 def test_resume_equivalence_and_same_seed(tmp_path):
     n, k = 7, 3
-    straight = T.train(CFG, tc(steps=n), ToyDataset(), tmp_path / "a", progress=False)
-    first = T.train(CFG, tc(steps=k, checkpoint_every=100), ToyDataset(), tmp_path / "b", progress=False)
+    straight = T.train(CFG, tc(steps=n), ToyDataset(), tmp_path / "a", progress=False).summary
+    first = T.train(CFG, tc(steps=k, checkpoint_every=100), ToyDataset(), tmp_path / "b", progress=False).summary
     assert ckpt_dirs(tmp_path / "b") == [str(k)]
     # resume with different resume-free settings (steps, checkpointing, logging)
-    second = T.train(CFG, tc(steps=n, checkpoint_every=3, log_every=2), ToyDataset(), tmp_path / "b", progress=False)
+    second = T.train(CFG, tc(steps=n, checkpoint_every=3, log_every=2), ToyDataset(), tmp_path / "b", progress=False).summary
     assert second["start_step"] == k and second["step"] == n
 
     assert straight["losses"] == first["losses"] + second["losses"]  # identical, not just close
@@ -264,9 +274,9 @@ def test_resume_equivalence_and_same_seed(tmp_path):
     assert all(losses_b[s] == losses_a[s] for s in losses_b) and set(losses_b) >= {1, 2, 3, 4, 6}
 
     # same seed, fresh directory -> identical trace; another seed -> different trace
-    same = T.train(CFG, tc(steps=n), ToyDataset(), tmp_path / "c", progress=False)
+    same = T.train(CFG, tc(steps=n), ToyDataset(), tmp_path / "c", progress=False).summary
     assert same["losses"] == straight["losses"]
-    other = T.train(CFG, tc(steps=2, seed=1), ToyDataset(), tmp_path / "d", progress=False)
+    other = T.train(CFG, tc(steps=2, seed=1), ToyDataset(), tmp_path / "d", progress=False).summary
     assert other["losses"] != straight["losses"][:2]
 
 
@@ -288,7 +298,7 @@ def test_nan_loss_stops_without_saving(tmp_path):
     state = full_state(tmp_path)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
     # a repaired data stream resumes from the last good checkpoint
-    summary = T.train(CFG, tc(steps=6), ToyDataset(), tmp_path, progress=False)
+    summary = T.train(CFG, tc(steps=6), ToyDataset(), tmp_path, progress=False).summary
     assert summary["start_step"] == 4 and summary["step"] == 6
 
 
@@ -356,11 +366,11 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     after = full_state(tmp_path)
     for part in ("params", "ema_params", "opt_state", "rng", "step"):
         assert tree_allclose(getattr(before, part), getattr(after, part), atol=0)
-    model, _, _ = T.load_checkpoint(tmp_path)
+    model = T.load_checkpoint(tmp_path).model
     assert tree_allclose(nnx.state(model, nnx.Param), before.ema_params, atol=0)
 
     # resuming cleans the temporary directories up and continues from step 2
-    summary = T.train(CFG, tc(steps=4, keep_checkpoints=1), ToyDataset(), tmp_path, progress=False)
+    summary = T.train(CFG, tc(steps=4, keep_checkpoints=1), ToyDataset(), tmp_path, progress=False).summary
     assert summary["start_step"] == 2
     assert ckpt_dirs(tmp_path) == ["4"]
 
@@ -370,7 +380,7 @@ def test_keyboard_interrupt_saves_current_step(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         T.train(CFG, tc(steps=10, checkpoint_every=100, log_every=100), ds, tmp_path, progress=False)
     assert T.latest_checkpoint_step(tmp_path) == 3
-    summary = T.train(CFG, tc(steps=5), ToyDataset(), tmp_path, progress=False)
+    summary = T.train(CFG, tc(steps=5), ToyDataset(), tmp_path, progress=False).summary
     assert summary["start_step"] == 3 and summary["step"] == 5
 
 
@@ -379,7 +389,7 @@ def test_overfits_tiny_dataset(tmp_path):
     # no condition dropping here: with it, the null-condition samples keep an irreducible error
     summary = T.train(
         CFG, tc(steps=300, checkpoint_every=1000, log_every=50, p_uncond=0.0), ToyDataset(), tmp_path, progress=False
-    )
+    ).summary
     losses = np.asarray(summary["losses"])
     assert len(losses) == 300 and np.isfinite(losses).all()
     ratio = losses[:10].mean() / losses[-20:].mean()
@@ -388,8 +398,20 @@ def test_overfits_tiny_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
-    summary = T.train(CFG, tc(steps=3, compute_dtype="bfloat16"), ToyDataset(), tmp_path, progress=False)
+    summary = T.train(CFG, tc(steps=3, compute_dtype="bfloat16"), ToyDataset(), tmp_path, progress=False).summary
     assert all(math.isfinite(l) for l in summary["losses"])
-    model, mcfg, _ = T.load_checkpoint(tmp_path)
+    loaded = T.load_checkpoint(tmp_path)
+    model, mcfg = loaded.model, loaded.model_config
     assert mcfg.dtype == "bfloat16"
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_resume_check_reads_older_theta_configs():
+    """Theta configs once stored their derived token fields and had no encoding fields: still compatible."""
+    cfg = ThetaConfig(hidden_size=16, num_groups=2, patch_depth=1, pixel_depth=1)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("theta_center", "theta_scale")}
+    old.update(txt_embed_dim=1, txt_max_length=2)
+    T.check_compatible({"model_config": old}, {"model_config": cfg.to_dict()})  # no error
+    encoded = cfg.with_encoding([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(T.IncompatibleCheckpointError, match="model.theta_center"):
+        T.check_compatible({"model_config": old}, {"model_config": encoded.to_dict()})

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .data.digits import load_digits_arrays
-from .data.grf import (
+from pixeldit.data.digits import load_digits_arrays
+from pixeldit.data.grf import (
     expected_power_spectrum,
     radial_power_spectrum,
     simulate,
