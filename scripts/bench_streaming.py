@@ -82,7 +82,7 @@ def run_loader(folder: Path, args) -> dict:
 
 def _train_setup(ds, args):
     from pixeldit.model import C2IConfig
-    from pixeldit.train import TrainConfig, create_train_state, make_train_step
+    from pixeldit.training import TrainConfig, create_train_state, make_train_step
 
     h, w, c = ds.image_shape
     mc = C2IConfig(in_channels=c, num_classes=ds.num_classes, hidden_size=64, num_groups=2, patch_depth=4,
@@ -97,7 +97,7 @@ def run_train(folder: Path, args, streaming: bool) -> dict:
 
     from pixeldit.data import load_image_folder
     from pixeldit.data.stream import open_stream
-    from pixeldit.train import prepare_batch
+    from pixeldit.training import prepare_batch
 
     if streaming:
         ds = open_stream(folder, seed=0)
@@ -127,7 +127,7 @@ def run_train_ab(folder: Path, args) -> dict:
 
     from pixeldit.data import load_image_folder
     from pixeldit.data.stream import open_stream
-    from pixeldit.train import prepare_batch
+    from pixeldit.training import prepare_batch
 
     memory = load_image_folder(folder, seed=0)
     it = open_stream(folder, seed=0).iterator(args.batch, workers=args.workers)

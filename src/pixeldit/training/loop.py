@@ -29,6 +29,7 @@ from pixeldit.training.checkpoint import (
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
+from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
 from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
@@ -91,7 +92,10 @@ def train(
     checking that its model config, train settings and dataset description match
     (:func:`~pixeldit.training.checkpoint.check_compatible`; raises ``IncompatibleCheckpointError``
     listing each differing field).  Batch ``s`` (0-based) is ``dataset.get_batch(s, batch_size)``
-    and produces state step ``s + 1``, so resumed runs see the same data stream.
+    and produces state step ``s + 1``, so resumed runs see the same data stream.  A streaming
+    dataset (``get_state`` / ``set_state``, :class:`pixeldit.data.stream.StreamBatches`) has its
+    position stored with every checkpoint and restored on resume
+    (:mod:`pixeldit.training.datastate`).
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
@@ -138,8 +142,12 @@ def train(
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
             step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype)
-            put_batch = functools.partial(parallel.shard_batch, mesh=mesh)
+            # a streaming dataset on several hosts serves each host's own rows
+            local = bool(getattr(stream_of(dataset), "process_local", False))
+            put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=local)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
+        if start and stream_of(dataset) is not None:
+            restore_data_state(dataset, read_meta(mngr, start), start)
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
         state = loop.run(state, step_fn, put_batch, dataset)
         if traces[0] - traces_before > 1:
@@ -147,7 +155,7 @@ def train(
                           stacklevel=2)
         final_step = int(jax.device_get(state.step))
         if final_step > start:
-            save_train_state(mngr, state, meta)
+            save_train_state(mngr, state, with_data_state(meta, dataset))
         wall = time.perf_counter() - t_start
         latest = mngr.latest_step()
         summary = {
@@ -232,7 +240,7 @@ class _Loop:
                 if do_log and self.is_main:
                     self.log(n, host)
                 if do_ckpt:
-                    save_train_state(self.mngr, state, self.meta)
+                    save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
                 if do_sample:
                     model = ema_model(state)
                     for cb in self.callbacks:
@@ -242,7 +250,7 @@ class _Loop:
                 self.check(*pending)
             return state
         except KeyboardInterrupt:
-            self.save_on_interrupt(state, pending)
+            self.save_on_interrupt(state, pending, dataset)
             raise
         finally:
             self.pbar.close()
@@ -276,11 +284,12 @@ class _Loop:
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending) -> None:
+    def save_on_interrupt(self, state, pending, dataset) -> None:
         try:
             if pending is not None:
                 self.check(*pending)
-            log.warning("interrupted: saved checkpoint at step %d", save_train_state(self.mngr, state, self.meta))
+            saved = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
+            log.warning("interrupted: saved checkpoint at step %d", saved)
         except NonFiniteLossError as e:
             log.error("interrupted after a non-finite step; not saving: %s", e)
         except Exception as e:  # e.g. state buffers already donated

@@ -48,6 +48,11 @@ class StreamBatches:
             self._it.set_state(self._pending_state)
             self._pending_state = None
 
+    @property
+    def process_local(self) -> bool:
+        """True when this host serves only its own rows of each batch (several hosts)."""
+        return self.shard[1] > 1
+
     def get_batch(self, step: int, batch_size: int) -> dict[str, Any]:
         """This host's rows of batch ``step``; steps must come in order from the stream's position."""
         step, batch_size = int(step), int(batch_size)
