@@ -92,10 +92,8 @@ def train(
     checking that its model config, train settings and dataset description match
     (:func:`~pixeldit.training.checkpoint.check_compatible`; raises ``IncompatibleCheckpointError``
     listing each differing field).  Batch ``s`` (0-based) is ``dataset.get_batch(s, batch_size)``
-    and produces state step ``s + 1``, so resumed runs see the same data stream.  A streaming
-    dataset (``get_state`` / ``set_state``, :class:`pixeldit.data.stream.StreamBatches`) has its
-    position stored with every checkpoint and restored on resume
-    (:mod:`pixeldit.training.datastate`).
+    and produces state step ``s + 1``, so resumed runs see the same data stream (a streaming
+    dataset's position is kept in the checkpoints: :mod:`pixeldit.training.datastate`).
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
@@ -130,7 +128,7 @@ def train(
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
     with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset)
+        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         if mesh is None:
@@ -142,12 +140,8 @@ def train(
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
             step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype)
-            # a streaming dataset on several hosts serves each host's own rows
-            local = bool(getattr(stream_of(dataset), "process_local", False))
-            put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=local)
+            put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=_process_local(dataset))
         start, traces_before = int(jax.device_get(state.step)), traces[0]
-        if start and stream_of(dataset) is not None:
-            restore_data_state(dataset, read_meta(mngr, start), start)
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
         state = loop.run(state, step_fn, put_batch, dataset)
         if traces[0] - traces_before > 1:
@@ -189,14 +183,22 @@ def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
     return mesh, fsdp
 
 
-def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool):
-    """``(state, shardings)``: restored from the latest checkpoint (after the resume check) or fresh."""
+def _process_local(dataset) -> bool:
+    """Whether ``dataset`` serves only this host's rows (a stream sharded over hosts)."""
+    return bool(getattr(stream_of(dataset), "process_local", False))
+
+
+def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool, dataset):
+    """``(state, shardings)``: restored from the latest checkpoint (after the resume check, with a
+    streaming dataset put at the checkpoint's position) or fresh."""
     latest = mngr.latest_step()
     if latest is None:
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
-    check_compatible(read_meta(mngr, latest), meta, check_dataset=check_dataset)
+    saved = read_meta(mngr, latest)
+    check_compatible(saved, meta, check_dataset=check_dataset)
+    restore_data_state(dataset, saved, latest)
     pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
     abstract, shardings = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad), None
     if mesh is not None:  # read each device's slice straight into the target layout
