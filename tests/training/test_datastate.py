@@ -1,6 +1,7 @@
 """Tests for pixeldit.training.datastate: a streaming run resumes with the same batches."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -72,3 +73,34 @@ class _InMemoryLike:
 
     def get_batch(self, step, batch_size):
         return self._sb.get_batch(step, batch_size)
+
+
+def test_positions_of_several_processes_round_trip(monkeypatch):
+    from pixeldit.training import datastate
+
+    states = [{"step": 3, "iterator": {"next_index": 48}}, {"step": 3, "iterator": {"next_index": 1234567}}]
+
+    def allgather(x):  # two processes whose JSON encodings differ in length: padded, then cut back
+        x = np.asarray(x)
+        if x.dtype == np.int32:
+            return np.array([[len(json.dumps(s).encode())] for s in states], np.int32)
+        rows = [np.frombuffer(json.dumps(s).encode(), np.uint8) for s in states]
+        return np.stack([np.pad(r, (0, x.size - r.size)) for r in rows])
+
+    class Fake:
+        def get_state(self):
+            return states[1]  # this is process 1
+
+        def set_state(self, state):
+            self.got = state
+
+    monkeypatch.setattr(datastate.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(datastate.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(datastate.multihost_utils, "process_allgather", allgather)
+    meta = datastate.with_data_state({"step": 3}, Fake())
+    assert meta[DATA_STATE_KEY] == states
+    fake = Fake()
+    datastate.restore_data_state(fake, meta, 3)
+    assert fake.got == states[1]  # each process takes its own position
+    with pytest.raises(ValueError, match="positions of 1 processes, this run has 2"):
+        datastate.restore_data_state(fake, {DATA_STATE_KEY: states[:1]}, 3)
