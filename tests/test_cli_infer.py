@@ -185,3 +185,13 @@ def test_calibrate_needs_a_simulator(tmp_path):
                           extra_meta={"dataset": data})
     fails("calibrate", tmp_path / "npz", message="only the built-in grf data has a simulator here (this run's data: "
           "'fields.npz')")
+
+
+def test_inference_benchmark_times_both_divergences(grf_run):
+    from pixeldit.infer_run import format_inference_benchmark, inference_benchmark
+
+    res = inference_benchmark(grf_run, sizes=(8,), exact_max_size=8, fields=1, repeats=0, posterior=False)
+    assert [(r["size"], r["divergence"]) for r in res["log_likelihood"]] == [(8, "hutchinson"), (8, "exact")]
+    assert all(r["pairs_per_s"] > 0 and r["mean_steps"] >= 1 for r in res["log_likelihood"])
+    lines = format_inference_benchmark(res)
+    assert lines[1].startswith("log-likelihood 8x8 hutchinson (4 probes):") and "exact" in lines[2]

@@ -361,7 +361,8 @@ def env_() -> None:
 def bench(
     preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the preset's)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed repeats after warm-up (medians are reported)."),
+    repeats: Optional[int] = typer.Option(
+        None, "--repeats", help="Timed repeats after warm-up (default 5, medians reported; --inference: 1, best reported)."),
     remat: Optional[str] = typer.Option(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     scan_unroll: Optional[str] = typer.Option(
@@ -374,6 +375,12 @@ def bench(
         False, "--gemm-floor",
         help="Also time every matrix product of the forward and train step alone: their sum bounds the "
              "fraction of the matmul rate the program can reach."),
+    inference: bool = typer.Option(
+        False, "--inference",
+        help="Time field inference instead: log-likelihood fields/s (exact and Hutchinson, 32x32 and 64x64) and the "
+             "emulator posterior per observation."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="With --inference: the trained theta run to time (default: an untrained grf-preset model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
     """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate.
@@ -382,6 +389,12 @@ def bench(
     """
     from pixeldit.bench import format_result, run_benchmark
 
+    if inference:
+        from pixeldit import infer_run
+
+        res = _call(lambda: infer_run.inference_benchmark(run, repeats=1 if repeats is None else repeats))
+        typer.echo(json.dumps(res) if as_json else "\n".join(infer_run.format_inference_benchmark(res)))
+        return
     modes = {"false": False, "true": True, "dots": "dots"}
     if remat is not None and remat.lower() not in modes:
         raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
@@ -405,7 +418,7 @@ def bench(
 
             hook = floor.measure
         try:
-            result = run_benchmark(preset, batch_size=batch, repeats=repeats,
+            result = run_benchmark(preset, batch_size=batch, repeats=5 if repeats is None else repeats,
                                    remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
                                    profile_dir=None if profile is None else str(profile), program_hook=hook)
         except ValueError as e:

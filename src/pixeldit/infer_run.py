@@ -305,3 +305,48 @@ def likelihood_run(workdir: str | os.PathLike, observed: str | os.PathLike, thet
     return {"workdir": str(run.workdir), "step": run.step, "theta": theta, "log_prob": res.value, "stderr": res.stderr,
             "bits_per_dim": res.bits_per_dim, "dim": res.dim, "exact": exact, "names": run.names,
             "divergence": divergence, "probes": probes if divergence == "hutchinson" else None}
+
+
+def inference_benchmark(workdir: str | os.PathLike | None = None, *, sizes: Sequence[int] = (32, 64),
+                        exact_max_size: int = 32, probes: int = 4, fields: int = 2, repeats: int = 1,
+                        posterior: bool = True) -> dict[str, Any]:
+    """Wall-clock numbers of the inference routes (:mod:`pixeldit.inference.timing`).
+
+    The emulator is the run ``workdir`` (a trained model: its solver takes as many steps as its
+    velocity needs) or, without one, a freshly initialised ``grf``-preset model (few steps: a
+    lower bound on the cost).  Log-likelihood fields per second with the Hutchinson divergence
+    at each side in ``sizes`` and with the exact one up to ``exact_max_size`` (one JVP per
+    pixel per solver stage: 4,096 at 64x64, minutes per field on a 2-core CPU); then the grid
+    posterior (Hutchinson, ``probes`` probes) of a first 32x32 field (compilation included)
+    and of a second.
+    """
+    from pixeldit.inference.timing import grf_emulator, time_grid_posterior, time_log_prob
+
+    emulator = load_inference_run(workdir).model if workdir is not None else grf_emulator()
+    out: dict[str, Any] = {"emulator": str(workdir) if workdir is not None else "untrained grf preset",
+                           "log_likelihood": [], "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+    for size in sizes:
+        for divergence in ("hutchinson", "exact") if size <= exact_max_size else ("hutchinson",):
+            out["log_likelihood"].append(time_log_prob(emulator, int(size), divergence=divergence, probes=probes,
+                                                       fields=fields if divergence == "hutchinson" else 1,
+                                                       repeats=repeats))
+    if posterior:  # the first observation compiles the solve; the second shows the steady cost
+        out["grid_posterior_first"] = time_grid_posterior(emulator, 32, probes=probes, seed=0)
+        out["grid_posterior"] = time_grid_posterior(emulator, 32, probes=probes, seed=1)
+    return out
+
+
+def format_inference_benchmark(result: Mapping[str, Any]) -> list[str]:
+    """Lines for the terminal: one per log-likelihood timing, then the posterior time."""
+    lines = [f"emulator: {result['emulator']} (load average {result['load_average'][0]:.1f} on "
+             f"{result['cpu_count']} CPUs)"]
+    for r in result["log_likelihood"]:
+        how = f"hutchinson ({r['probes']} probes)" if r["divergence"] == "hutchinson" else "exact"
+        lines.append(f"log-likelihood {r['size']}x{r['size']} {how}: {r['pairs_per_s']:.3g} fields/s "
+                     f"({r['seconds']:.3g} s for {r['pairs']}, {r['cpu_seconds']:.3g} CPU s, "
+                     f"{r['mean_steps']:.0f} solver steps)")
+    if "grid_posterior" in result:
+        g, first = result["grid_posterior"], result["grid_posterior_first"]
+        lines.append(f"emulator posterior 32x32: {g['seconds']:.3g} s per observation ({g['cpu_seconds']:.3g} CPU s, "
+                     f"{g['evaluations']} likelihood evaluations; the first {first['seconds']:.3g} s with compilation)")
+    return lines
