@@ -161,6 +161,7 @@ def test_class_conditional_run_is_refused(tmp_path, observed):
         if command[0] != "calibrate":
             args += ["--observed", observed[0]]
         fails(*args, message="is a class-conditional run; field inference needs a theta-conditional run")
+    fails("bench", "--inference", "--run", tmp_path / "c2i", message="is a class-conditional run")
 
 
 def test_guidance_and_options_are_checked_first(tmp_path, observed):

@@ -357,6 +357,13 @@ def env_() -> None:
     })
 
 
+def _bench_inference(run: Optional[Path], repeats: int, as_json: bool) -> None:
+    from pixeldit import infer_run
+
+    res = _call(lambda: infer_run.inference_benchmark(run, repeats=repeats))
+    typer.echo(json.dumps(res) if as_json else "\n".join(infer_run.format_inference_benchmark(res)))
+
+
 @app.command()
 def bench(
     preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
@@ -390,11 +397,7 @@ def bench(
     from pixeldit.bench import format_result, run_benchmark
 
     if inference:
-        from pixeldit import infer_run
-
-        res = _call(lambda: infer_run.inference_benchmark(run, repeats=1 if repeats is None else repeats))
-        typer.echo(json.dumps(res) if as_json else "\n".join(infer_run.format_inference_benchmark(res)))
-        return
+        return _bench_inference(run, 1 if repeats is None else repeats, as_json)
     modes = {"false": False, "true": True, "dots": "dots"}
     if remat is not None and remat.lower() not in modes:
         raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
