@@ -61,6 +61,7 @@ class PosteriorConfig:
     summary_dim: int = 128
     flow_hidden: int = 128
     flow_depth: int = 3  # adaLN MLP blocks of the velocity network
+    spectral_pooling: bool = True  # pool the log Fourier power over wavenumber shells too
     prior_low: tuple[float, ...] = (-1.0, 1.0)  # the built-in GRF prior (log_amplitude, slope)
     prior_high: tuple[float, ...] = (1.0, 4.0)
     theta_names: tuple[str, ...] = ("log_amplitude", "slope")
@@ -151,6 +152,34 @@ def standardize_log_det(config: PosteriorConfig) -> float:
 # Encoder
 # ---------------------------------------------------------------------------------------------
 
+EXACT_SHELLS_BELOW = 5.0  # below this |k| every distinct |k| is its own shell; above, round(|k|)
+
+
+def spectral_shells(height: int, width: int) -> np.ndarray:
+    """Averaging matrix ``(H*W, num_shells)`` of the Fourier modes ``k != 0`` over wavenumber shells.
+
+    Integer wavenumbers ``k = (ky, kx)`` (``fftfreq * size``).  Modes with ``|k| < 5`` are grouped
+    by their exact ``|k|^2`` (a spectrum varies fastest, relative to the shell width, at small
+    ``|k|``); the others by ``round(|k|)``, corners included.  Each column averages its modes.
+    """
+    ky = np.fft.fftfreq(height) * height
+    kx = np.fft.fftfreq(width) * width
+    k2 = (ky[:, None] ** 2 + kx[None, :] ** 2).reshape(-1)
+    exact = (k2 > 0) & (k2 < EXACT_SHELLS_BELOW**2)
+    labels = np.where(exact, k2, np.where(k2 > 0, 1000.0 * np.rint(np.sqrt(k2)), -1.0))
+    values = np.unique(labels[labels >= 0])
+    onehot = (labels[:, None] == values[None, :]).astype(np.float32)
+    return onehot / onehot.sum(axis=0, keepdims=True)
+
+
+def spectral_pool(x: jax.Array) -> jax.Array:
+    """Log Fourier power of ``x`` ``(B, H, W, C)`` averaged over :func:`spectral_shells`: ``(B, C * shells)``."""
+    b, h, w, c = x.shape
+    power = jnp.abs(jnp.fft.fft2(x, axes=(1, 2))) ** 2 / (h * w)  # (B, H, W, C), E = S(k)
+    shells = jnp.asarray(spectral_shells(h, w))  # (H*W, shells)
+    pooled = jnp.einsum("bmc,ms->bcs", power.reshape(b, h * w, c), shells)  # (B, C, shells)
+    return jnp.log(pooled + LOG_EPS).reshape(b, -1)
+
 
 class FieldEncoder(nnx.Module):
     """Field ``(B, H, W, C)`` -> summary ``(B, summary_dim)`` (see the module docstring)."""
@@ -164,8 +193,10 @@ class FieldEncoder(nnx.Module):
         self.s_embedder = PatchTokenEmbedder(p * p * c.in_channels, d, rngs=rngs)
         self.blocks = nnx.List([DiTBlock(d, c.num_heads, rngs=rngs) for _ in range(c.depth)])
         self.norm = RMSNorm(d, param_dtype=jnp.float32)
+        self.spectral_pooling = c.spectral_pooling
+        num_spectral = c.in_channels * spectral_shells(c.image_size, c.image_size).shape[1] if c.spectral_pooling else 0
         self.pool_proj = nnx.Sequential(
-            linear(3 * d + 1, c.summary_dim, rngs=rngs),
+            linear(3 * d + 1 + num_spectral, c.summary_dim, rngs=rngs),
             jax.nn.silu,
             linear(c.summary_dim, c.summary_dim, rngs=rngs),
         )
@@ -183,12 +214,14 @@ class FieldEncoder(nnx.Module):
         z = e
         for block in self.blocks:
             z = block(z, c, rope)  # (B, L, D)
+        spectral = [spectral_pool(x)] if self.spectral_pooling else []  # (B, C * shells)
         pooled = jnp.concatenate(
             [
                 jnp.mean(self.norm(z), axis=1),  # (B, D) token mean
                 jnp.log(jnp.mean(e * e, axis=1) + LOG_EPS),  # (B, D) band powers of the patch filters
                 jnp.log(jnp.mean(z * z, axis=1) + LOG_EPS),  # (B, D) band powers after the blocks
                 log_rms[:, None],  # (B, 1)
+                *spectral,
             ],
             axis=-1,
         )

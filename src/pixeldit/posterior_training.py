@@ -142,7 +142,7 @@ def train_posterior(
 
     key = jax.random.key(tc.seed + 1)
     history = {"step": [], "loss": [], "nll": [], "flow": [], "seconds": []}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     running: dict[str, float] = {}
     step = 0
     for step in range(tc.steps):
@@ -167,6 +167,7 @@ def train_posterior(
             break
     history["steps_done"] = step + 1
     history["train_seconds"] = round(time.perf_counter() - start, 2)
+    history["train_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads of this process
     model = nnx.merge(graphdef, ema)
     if workdir is not None:
         save_posterior(model, workdir)
