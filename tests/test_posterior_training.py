@@ -10,6 +10,7 @@ from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standa
 from pixeldit.posterior_training import (
     CHECKPOINT_NAME,
     PosteriorTrainConfig,
+    ema_decay_at,
     load_posterior,
     posterior_loss,
     save_posterior,
@@ -35,6 +36,10 @@ def test_loss_terms_at_initialisation():
     np.testing.assert_allclose(loss, nll + flow, rtol=1e-5)
 
 
+def test_ema_decay_warms_up():
+    np.testing.assert_allclose([ema_decay_at(s, 0.999) for s in (0, 8, 10_000)], [0.1, 0.5, 0.999], rtol=1e-6)
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         PosteriorTrainConfig(batch_size=0)
@@ -48,6 +53,7 @@ def test_only_the_grf_simulator_shape_trains():
         train_posterior(cfg, PosteriorTrainConfig(steps=1), log=None)
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_checkpoint_round_trips(tmp_path):
     cfg = PosteriorConfig.preset("tiny")
     tc = PosteriorTrainConfig(steps=40, batch_size=16, warmup_steps=5, ema_decay=0.9)

@@ -264,9 +264,10 @@ class ConditionalVelocity(nnx.Module):
         self.final_layer = linear(hid, config.theta_dim, rngs=rngs, kernel_init=zeros, bias_init=zeros)
 
     def __call__(self, z: jax.Array, t: jax.Array, summary: jax.Array) -> jax.Array:
-        # z: (..., K); t: broadcastable to z.shape[:-1]; summary: (..., S) broadcastable likewise
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:-1])
-        c = self.t_embedder(t) + self.s_proj(summary)  # (..., H)
+        # z: (..., K); t and summary (..., S) broadcast against z.shape[:-1].  The condition keeps
+        # their own shape (one per field and time when sampling), so the adaLN modulations are
+        # computed once per field, not once per draw.
+        c = self.t_embedder(jnp.asarray(t, jnp.float32)) + self.s_proj(summary)  # (..., H)
         h = self.z_embedder(z)  # (..., H)
         for block in self.blocks:
             h = block(h, c)

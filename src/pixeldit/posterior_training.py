@@ -12,7 +12,9 @@ a fresh batch of ``(theta, field)`` pairs from the prior every step).  The loss 
   The encoder runs once per field, so extra flow samples are nearly free.
 
 Optimiser: AdamW with linear warm-up and a cosine decay, global-norm clipping, and an EMA of the
-weights, which is what :func:`train_posterior` returns and saves.
+weights, which is what :func:`train_posterior` returns and saves.  The EMA decay warms up
+(:func:`ema_decay_at`): a short run with a fixed 0.999 would keep ``0.999**steps`` of the random
+initial weights (18 % after 1,700 steps), which shrinks every posterior towards the prior centre.
 
 Checkpoint: one safetensors file, ``posterior.safetensors``, holding every weight under its
 ``/``-joined module path and the model configuration as JSON metadata; written to a temporary
@@ -67,6 +69,11 @@ class PosteriorTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def ema_decay_at(step, decay: float):
+    """EMA decay used after optimiser step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def posterior_loss(
@@ -130,14 +137,15 @@ def train_posterior(
     decay = tc.ema_decay
 
     @jax.jit
-    def train_step(params, opt_state, ema, x, theta, key):
+    def train_step(params, opt_state, ema, x, theta, key, step):
         def loss_fn(p):
             return posterior_loss(nnx.merge(graphdef, p), x, theta, key, tc.flow_samples)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        d = ema_decay_at(step, decay)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         return params, opt_state, ema, dict(parts, loss=loss)
 
     key = jax.random.key(tc.seed + 1)
@@ -148,7 +156,7 @@ def train_posterior(
     for step in range(tc.steps):
         batch = data.get_batch(step, tc.batch_size)
         key, sub = jax.random.split(key)
-        params, opt_state, ema, parts = train_step(params, opt_state, ema, batch["x"], batch["y"], sub)
+        params, opt_state, ema, parts = train_step(params, opt_state, ema, batch["x"], batch["y"], sub, jnp.float32(step))
         for name, value in parts.items():
             running[name] = running.get(name, 0.0) + float(value)
         elapsed = time.perf_counter() - start
