@@ -55,7 +55,7 @@ class PosteriorConfig:
     image_size: int = 32  # fields are (image_size, image_size, in_channels)
     in_channels: int = 1
     patch_size: int = 4  # 64 patch tokens at 32 x 32
-    hidden_size: int = 96  # encoder token width
+    hidden_size: int = 64  # encoder token width
     depth: int = 2  # encoder DiT blocks
     num_heads: int = 4
     summary_dim: int = 128

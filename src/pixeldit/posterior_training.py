@@ -50,8 +50,8 @@ class PosteriorTrainConfig:
     """Optimisation settings of :func:`train_posterior`."""
 
     steps: int = 6000
-    batch_size: int = 128  # simulated fields per step
-    flow_samples: int = 8  # (t, eps) pairs per field for the flow-matching term
+    batch_size: int = 64  # simulated fields per step
+    flow_samples: int = 16  # (t, eps) pairs per field for the flow-matching term
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     final_lr_fraction: float = 0.02  # the cosine decays to this fraction of the peak
