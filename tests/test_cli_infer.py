@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,7 +19,10 @@ from typer.testing import CliRunner
 from pixeldit import runconfig, runs
 from pixeldit.cli import app
 from pixeldit.data import grf
+from pixeldit.inference.amortized import sample_posterior
 from pixeldit.model import C2IConfig, ThetaConfig, build_model
+from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig
+from pixeldit.posterior_training import load_posterior, save_posterior
 from pixeldit.training import save_model_checkpoint
 
 runner = CliRunner()
@@ -189,10 +193,51 @@ def test_calibrate_needs_a_simulator(tmp_path):
 
 
 def test_inference_benchmark_times_both_divergences(grf_run):
-    from pixeldit.infer_run import format_inference_benchmark, inference_benchmark
+    from pixeldit.infer_bench import format_inference_benchmark, inference_benchmark
 
     res = inference_benchmark(grf_run, sizes=(8,), exact_max_size=8, fields=1, repeats=0, posterior=False)
     assert [(r["size"], r["divergence"]) for r in res["log_likelihood"]] == [(8, "hutchinson"), (8, "exact")]
     assert all(r["pairs_per_s"] > 0 and r["mean_steps"] >= 1 for r in res["log_likelihood"])
     lines = format_inference_benchmark(res)
     assert lines[1].startswith("log-likelihood 8x8 hutchinson (4 probes):") and "exact" in lines[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# amortised route: a folder with an (untrained, tiny) amortised posterior
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def posterior_run(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("npe") / "post"
+    save_posterior(AmortizedPosterior(PosteriorConfig.preset("tiny"), rngs=nnx.Rngs(0)), wd)
+    return wd
+
+
+def test_infer_takes_the_amortised_route(posterior_run, observed, tmp_path):
+    path, x, _ = observed
+    out = tmp_path / "amortised"
+    ok("infer", posterior_run, "--observed", path, "--num-samples", 300, "--out", out, "--plots", 1, "--no-progress")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["route"] == "amortized" and "log_evidence" not in summary["observations"][0]
+    with np.load(out / "posterior.npz") as f:
+        samples, mean = f["theta"], f["mean"]
+    assert samples.shape == (2, 300, 2)
+    model = load_posterior(posterior_run)
+    direct = np.asarray(sample_posterior(model, x[1:2], 300, jax.random.key(0)))[0]
+    np.testing.assert_allclose(samples[1], direct, rtol=1e-6)  # the library's draws, per field
+    np.testing.assert_allclose(mean[1], direct.mean(axis=0), rtol=1e-6)
+    assert (out / "corner_0.png").stat().st_size > 0
+
+
+def test_calibrate_and_bench_on_the_amortised_route(posterior_run, tmp_path):
+    ok("calibrate", posterior_run, "--num", 4, "--num-samples", 20, "--out", tmp_path / "cal", "--no-progress")
+    report = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert report["route"] == "amortized" and report["num_simulations"] == 4
+    res = ok("bench", "--inference", "--run", posterior_run)
+    assert "amortised posterior:" in res.output and "draws/s per field (10,000 draws" in res.output
+
+
+def test_likelihood_refuses_an_amortised_run(posterior_run, observed):
+    fails("likelihood", posterior_run, "--observed", observed[0], "--theta", "0,2",
+          message="is an amortised posterior run; the likelihood needs a theta-conditional run")

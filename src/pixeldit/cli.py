@@ -358,10 +358,10 @@ def env_() -> None:
 
 
 def _bench_inference(run: Optional[Path], repeats: int, as_json: bool) -> None:
-    from pixeldit import infer_run
+    from pixeldit import infer_bench
 
-    res = _call(lambda: infer_run.inference_benchmark(run, repeats=repeats))
-    typer.echo(json.dumps(res) if as_json else "\n".join(infer_run.format_inference_benchmark(res)))
+    res = _call(lambda: infer_bench.inference_benchmark(run, repeats=repeats))
+    typer.echo(json.dumps(res) if as_json else "\n".join(infer_bench.format_inference_benchmark(res)))
 
 
 @app.command()

@@ -4,7 +4,9 @@ A theta-conditional run is a neural likelihood: the *emulator route* takes the u
 over the run's theta box times the learned ``log p(field | theta)``
 (:func:`pixeldit.inference.log_prob`) and finds the posterior on a zooming grid for 1-3
 parameters (:func:`pixeldit.inference.grid_posterior`), by MCMC above
-(:func:`pixeldit.inference.mcmc_posterior`).
+(:func:`pixeldit.inference.mcmc_posterior`).  A folder holding an amortised posterior
+(``posterior.safetensors``, :mod:`pixeldit.posterior_training`) takes the *amortised route*:
+draws of ``p(theta | field)`` in one ODE solve per field (:mod:`pixeldit.inference.amortized`).
 
 Outputs of :func:`infer_run` (``out``, default ``WORKDIR/infer``): ``posterior.npz`` (``theta``
 ``(N, S, K)``, per observation ``mean`` / ``std`` ``(N, K)``), ``summary.json`` (per observation:
@@ -33,13 +35,16 @@ from pixeldit.data import DataError, make_rng
 from pixeldit.data import grf
 from pixeldit.inference import (DIVERGENCES, Emulator, Posterior, emulator_log_likelihood, grid_posterior, log_prob,
                                 mcmc_posterior)
+from pixeldit.inference.amortized import sample_posterior
 from pixeldit.inference.calibration import calibrate, exact_grf_posterior
+from pixeldit.inference.posterior import INTERVALS
 from pixeldit.inference.plots import corner_plot, rank_histograms, tarp_plot
+from pixeldit.posterior_training import CHECKPOINT_NAME as POSTERIOR_CHECKPOINT, load_posterior
 from pixeldit.runconfig import ConfigError
 from pixeldit.training import load_checkpoint
 
 __all__ = ["InferenceRun", "calibrate_run", "emulator_from_checkpoint", "infer_run", "likelihood_run",
-           "load_inference_run", "read_observed"]
+           "load_inference_run", "posterior_from_samples", "read_observed"]
 
 INFER_DIR = "infer"
 CALIBRATE_DIR = "calibrate"
@@ -81,7 +86,9 @@ def _theta_box(model_config, dmeta: Mapping[str, Any]) -> tuple[np.ndarray, np.n
 class InferenceRun:
     """A run loaded for inference: its route, model and uniform prior box.
 
-    ``route``: ``"emulator"`` (a theta-conditional run, ``model`` an :class:`Emulator`).
+    ``route``: ``"emulator"`` (a theta-conditional run, ``model`` an :class:`Emulator`) or
+    ``"amortized"`` (a ``grf-posterior``-style run, ``model`` a
+    :class:`pixeldit.posterior_model.AmortizedPosterior`: draws in one ODE solve per field).
     ``image_shape`` ``(H, W, C)`` of the fields it takes; ``data`` the training data's name
     (``"grf"``: the exact posterior is known); ``names`` the parameters' names.
     """
@@ -98,7 +105,11 @@ class InferenceRun:
 
     def posterior(self, field, *, num_samples: int, seed: int = 0, divergence: str = "hutchinson",
                   probes: int = 4, grid: Mapping[str, Any] | None = None) -> Posterior:
-        """The posterior of one field ``(H, W, C)``: grid (<= 3 parameters) or MCMC over the emulator's likelihood."""
+        """The posterior of one field ``(H, W, C)``: amortised draws, or grid (<= 3 parameters) / MCMC over the
+        emulator's likelihood."""
+        if self.route == "amortized":
+            draws = sample_posterior(self.model, np.asarray(field, np.float32)[None], num_samples, jax.random.key(seed))
+            return posterior_from_samples(np.asarray(draws[0], np.float64))
         options = {"divergence": divergence}
         if divergence == "hutchinson":
             options.update(probes=probes, key=jax.random.key(seed))
@@ -108,9 +119,31 @@ class InferenceRun:
         return mcmc_posterior(ll, self.low, self.high, num_samples=num_samples, seed=seed)
 
 
+def posterior_from_samples(samples) -> Posterior:
+    """A :class:`Posterior` summary of draws ``(S, K)`` (mean, std, central intervals; no evidence)."""
+    samples = np.asarray(samples, np.float64)
+    intervals = {level: np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0).T for level in INTERVALS}
+    return Posterior(samples=samples, mean=samples.mean(axis=0), std=samples.std(axis=0), intervals=intervals,
+                     log_evidence=None, num_evaluations=0, extra={"method": "amortized"})
+
+
+def _load_amortized(workdir: Path) -> InferenceRun:
+    model = load_posterior(workdir)
+    cfg = model.config
+    return InferenceRun(route="amortized", model=model, low=np.asarray(cfg.prior_low, np.float64),
+                        high=np.asarray(cfg.prior_high, np.float64), names=list(cfg.theta_names),
+                        image_shape=tuple(cfg.field_shape), data="grf", step=0, workdir=workdir)
+
+
 def load_inference_run(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True) -> InferenceRun:
-    """Load ``workdir`` for inference; the run's kind picks the route (a class-conditional run is refused)."""
+    """Load ``workdir`` for inference; the run's kind picks the route (a class-conditional run is refused).
+
+    A folder with an amortised posterior checkpoint (``posterior.safetensors``) takes the
+    amortised route; a theta-conditional run the emulator route.
+    """
     workdir = Path(workdir)
+    if (workdir / POSTERIOR_CHECKPOINT).is_file():
+        return _load_amortized(workdir)
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
     kind = ckpt.model_config.kind
     if kind != "theta":
@@ -305,48 +338,3 @@ def likelihood_run(workdir: str | os.PathLike, observed: str | os.PathLike, thet
     return {"workdir": str(run.workdir), "step": run.step, "theta": theta, "log_prob": res.value, "stderr": res.stderr,
             "bits_per_dim": res.bits_per_dim, "dim": res.dim, "exact": exact, "names": run.names,
             "divergence": divergence, "probes": probes if divergence == "hutchinson" else None}
-
-
-def inference_benchmark(workdir: str | os.PathLike | None = None, *, sizes: Sequence[int] = (32, 64),
-                        exact_max_size: int = 32, probes: int = 4, fields: int = 2, repeats: int = 1,
-                        posterior: bool = True) -> dict[str, Any]:
-    """Wall-clock numbers of the inference routes (:mod:`pixeldit.inference.timing`).
-
-    The emulator is the run ``workdir`` (a trained model: its solver takes as many steps as its
-    velocity needs) or, without one, a freshly initialised ``grf``-preset model (few steps: a
-    lower bound on the cost).  Log-likelihood fields per second with the Hutchinson divergence
-    at each side in ``sizes`` and with the exact one up to ``exact_max_size`` (one JVP per
-    pixel per solver stage: 4,096 at 64x64, minutes per field on a 2-core CPU); then the grid
-    posterior (Hutchinson, ``probes`` probes) of a first 32x32 field (compilation included)
-    and of a second.
-    """
-    from pixeldit.inference.timing import grf_emulator, time_grid_posterior, time_log_prob
-
-    emulator = load_inference_run(workdir).model if workdir is not None else grf_emulator()
-    out: dict[str, Any] = {"emulator": str(workdir) if workdir is not None else "untrained grf preset",
-                           "log_likelihood": [], "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
-    for size in sizes:
-        for divergence in ("hutchinson", "exact") if size <= exact_max_size else ("hutchinson",):
-            out["log_likelihood"].append(time_log_prob(emulator, int(size), divergence=divergence, probes=probes,
-                                                       fields=fields if divergence == "hutchinson" else 1,
-                                                       repeats=repeats))
-    if posterior:  # the first observation compiles the solve; the second shows the steady cost
-        out["grid_posterior_first"] = time_grid_posterior(emulator, 32, probes=probes, seed=0)
-        out["grid_posterior"] = time_grid_posterior(emulator, 32, probes=probes, seed=1)
-    return out
-
-
-def format_inference_benchmark(result: Mapping[str, Any]) -> list[str]:
-    """Lines for the terminal: one per log-likelihood timing, then the posterior time."""
-    lines = [f"emulator: {result['emulator']} (load average {result['load_average'][0]:.1f} on "
-             f"{result['cpu_count']} CPUs)"]
-    for r in result["log_likelihood"]:
-        how = f"hutchinson ({r['probes']} probes)" if r["divergence"] == "hutchinson" else "exact"
-        lines.append(f"log-likelihood {r['size']}x{r['size']} {how}: {r['pairs_per_s']:.3g} fields/s "
-                     f"({r['seconds']:.3g} s for {r['pairs']}, {r['cpu_seconds']:.3g} CPU s, "
-                     f"{r['mean_steps']:.0f} solver steps)")
-    if "grid_posterior" in result:
-        g, first = result["grid_posterior"], result["grid_posterior_first"]
-        lines.append(f"emulator posterior 32x32: {g['seconds']:.3g} s per observation ({g['cpu_seconds']:.3g} CPU s, "
-                     f"{g['evaluations']} likelihood evaluations; the first {first['seconds']:.3g} s with compilation)")
-    return lines
