@@ -102,9 +102,11 @@ def main(argv=None) -> dict:
           f"median |mean - exact| = {np.median(scores['mean_z']):.2f} exact std, std ratio median "
           f"{np.median(scores['std_ratio']):.2f}; {np.median(secs):.1f} s per field (median)")
     result = {
-        "workdir": str(a.workdir), "divergence": a.divergence, "probes": a.probes if a.divergence == "hutchinson" else None,
-        "fields": a.fields, "mean_r": corr["mean_r"], "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
-        "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(), "fraction_ok_all": scores["fraction_ok_all"],
+        "workdir": str(a.workdir), "divergence": a.divergence,
+        "probes": a.probes if a.divergence == "hutchinson" else None, "fields": a.fields, "mean_r": corr["mean_r"],
+        "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
+        "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(),
+        "fraction_ok_all": scores["fraction_ok_all"],
         "mean_z": scores["mean_z"].tolist(), "std_ratio": scores["std_ratio"].tolist(),
         "posterior_seconds": secs, "passed_likelihood": corr["mean_r"] >= 0.99, "passed_posterior": scores["passed"],
     }

@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import diffrax
 import jax
@@ -106,7 +106,8 @@ class Emulator:
         center = np.asarray(enc["center"], np.float32).reshape(-1)
         scale = np.asarray(enc["scale"], np.float32).reshape(-1)
         if center.shape != (k,) or scale.shape != (k,):
-            raise ValueError(f"theta_encoding center/scale must have {k} values each, got {center.shape} and {scale.shape}")
+            raise ValueError(f"theta_encoding center/scale must have {k} values each, got {center.shape} "
+                             f"and {scale.shape}")
         return center, scale
 
     def encode(self, theta) -> np.ndarray:
