@@ -241,3 +241,9 @@ def test_calibrate_and_bench_on_the_amortised_route(posterior_run, tmp_path):
 def test_likelihood_refuses_an_amortised_run(posterior_run, observed):
     fails("likelihood", posterior_run, "--observed", observed[0], "--theta", "0,2",
           message="is an amortised posterior run; the likelihood needs a theta-conditional run")
+
+
+def test_unreadable_amortised_checkpoint(tmp_path, observed):
+    (tmp_path / "post").mkdir()
+    (tmp_path / "post" / "posterior.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    fails("infer", tmp_path / "post", "--observed", observed[0], message="posterior.safetensors")

@@ -105,8 +105,11 @@ class InferenceRun:
 
     def posterior(self, field, *, num_samples: int, seed: int = 0, divergence: str = "hutchinson",
                   probes: int = 4, grid: Mapping[str, Any] | None = None) -> Posterior:
-        """The posterior of one field ``(H, W, C)``: amortised draws, or grid (<= 3 parameters) / MCMC over the
-        emulator's likelihood."""
+        """The posterior of one field ``(H, W, C)``.
+
+        Amortised draws, or the grid (<= 3 parameters) or MCMC over the emulator's likelihood
+        (``divergence``, ``probes``; ``grid`` options of :func:`pixeldit.inference.grid_posterior`).
+        """
         if self.route == "amortized":
             draws = sample_posterior(self.model, np.asarray(field, np.float32)[None], num_samples, jax.random.key(seed))
             return posterior_from_samples(np.asarray(draws[0], np.float64))
@@ -128,7 +131,10 @@ def posterior_from_samples(samples) -> Posterior:
 
 
 def _load_amortized(workdir: Path) -> InferenceRun:
-    model = load_posterior(workdir)
+    try:
+        model = load_posterior(workdir)
+    except ValueError as e:  # not a readable amortised posterior: one line, like a bad run config
+        raise ConfigError(str(e)) from None
     cfg = model.config
     return InferenceRun(route="amortized", model=model, low=np.asarray(cfg.prior_low, np.float64),
                         high=np.asarray(cfg.prior_high, np.float64), names=list(cfg.theta_names),
