@@ -10,6 +10,7 @@ device or sharded), ``checkpoint`` (every checkpoint read and write), ``metrics`
 from pixeldit.training.checkpoint import (
     CHECKPOINT_SUBDIR,
     CONFIG_FILE,
+    DAMAGED_SUBDIR,
     Checkpoint,
     IncompatibleCheckpointError,
     check_compatible,
@@ -68,6 +69,7 @@ __all__ = [
     "abstract_sharded_state",
     "abstract_train_state",
     "check_compatible",
+    "DAMAGED_SUBDIR",
     "checkpoint_items",
     "checkpoint_manager",
     "clip_by_global_norm",

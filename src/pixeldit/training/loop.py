@@ -20,10 +20,13 @@ from tqdm.auto import tqdm
 from pixeldit import parallel
 from pixeldit.training.checkpoint import (
     CONFIG_FILE,
+    DAMAGED_SUBDIR,
     check_compatible,
     checkpoint_manager,
     describe_dataset,
     json_roundtrip,
+    move_aside,
+    newest_intact,
     read_meta,
     restore_train_state,
     save_train_state,
@@ -182,21 +185,32 @@ def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
 
 
 def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool):
-    """``(state, shardings)``: restored from the latest checkpoint (after the resume check) or fresh."""
-    latest = mngr.latest_step()
-    if latest is None:
+    """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check)
+    or fresh.  Unreadable newer checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
+    if mngr.latest_step() is None:
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
-    check_compatible(read_meta(mngr, latest), meta, check_dataset=check_dataset)
     pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
     abstract, shardings = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad), None
     if mesh is not None:  # read each device's slice straight into the target layout
         shardings = parallel.state_shardings(abstract, mesh, fsdp)
         abstract = parallel.with_shardings(abstract, shardings)
-    state = restore_train_state(mngr, latest, abstract)
+
+    def read(step):
+        check_compatible(read_meta(mngr, step), meta, check_dataset=check_dataset)
+        return restore_train_state(mngr, step, abstract)
+
+    workdir = Path(mngr.directory).parent
+    latest, state = newest_intact(mngr, read, then=f"moved to {workdir / DAMAGED_SUBDIR}, resuming from an older one")
+    damaged = [s for s in mngr.all_steps() if s > latest]
+    if damaged and jax.process_index() == 0:
+        for s in damaged:
+            move_aside(workdir, s)
+    if damaged:
+        mngr.reload()
     if jax.process_index() == 0:
-        truncate_metrics(Path(mngr.directory).parent, latest)
+        truncate_metrics(workdir, latest)
     log.info("resumed from %s at step %d", Path(mngr.directory) / str(latest), latest)
     return state, shardings
 
