@@ -10,7 +10,6 @@ device or sharded), ``checkpoint`` (every checkpoint read and write), ``metrics`
 from pixeldit.training.checkpoint import (
     CHECKPOINT_SUBDIR,
     CONFIG_FILE,
-    DAMAGED_SUBDIR,
     Checkpoint,
     IncompatibleCheckpointError,
     check_compatible,
@@ -32,6 +31,7 @@ from pixeldit.training.config import (
     TrainConfig,
     effective_model_config,
 )
+from pixeldit.training.fallback import DAMAGED_SUBDIR
 from pixeldit.training.loop import NonFiniteLossError, TrainResult, train
 from pixeldit.training.metrics import METRICS_FILE, read_metrics
 from pixeldit.training.optim import clip_by_global_norm, lr_schedule, make_optimizer

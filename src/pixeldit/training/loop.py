@@ -20,18 +20,17 @@ from tqdm.auto import tqdm
 from pixeldit import parallel
 from pixeldit.training.checkpoint import (
     CONFIG_FILE,
-    DAMAGED_SUBDIR,
     check_compatible,
     checkpoint_manager,
     describe_dataset,
     json_roundtrip,
-    move_aside,
     newest_intact,
     read_meta,
     restore_train_state,
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
+from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
 from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
@@ -206,7 +205,7 @@ def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn
     damaged = [s for s in mngr.all_steps() if s > latest]
     if damaged and jax.process_index() == 0:
         for s in damaged:
-            move_aside(workdir, s)
+            move_aside(mngr.directory, s)
     if damaged:
         mngr.reload()
     if jax.process_index() == 0:
