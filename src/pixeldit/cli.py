@@ -2,13 +2,16 @@
 
 Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``, ``env``.  Each parses its arguments,
 calls one library function and prints the result; errors in configs, data or checkpoints are
-printed as one ``error:`` line (exit code 1), Ctrl-C during training exits with 130 after the
-train loop has saved a checkpoint.  More subcommands register on :data:`app`.
+printed as one ``error:`` line (exit code 1).  Ctrl-C (SIGINT) or SIGTERM during training lets
+the step and any save under way finish, saves a checkpoint and exits with 130 or 143 (128 plus
+the signal number, as a shell reports a process killed by it, so schedulers see the job did not
+finish; rerunning resumes).  More subcommands register on :data:`app`.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -88,11 +91,13 @@ def train(
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
         try:
             return runs.train_run(run, wd, progress=progress, echo=typer.echo)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
             step = latest_checkpoint_step(wd)
             saved = f"checkpoint at step {step} in {wd}" if step is not None else "no checkpoint yet"
-            typer.echo(f"\ninterrupted: {saved}; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"\ninterrupted ({signal.Signals(signum).name}): {saved}; run the same command again to resume",
+                       err=True)
+            raise typer.Exit(128 + signum) from None
 
     summary = _call(go)
     typer.echo(

@@ -32,7 +32,7 @@ from pixeldit.training.config import (
     effective_model_config,
 )
 from pixeldit.training.fallback import DAMAGED_SUBDIR
-from pixeldit.training.loop import NonFiniteLossError, TrainResult, train
+from pixeldit.training.loop import Interrupted, NonFiniteLossError, TrainResult, train
 from pixeldit.training.metrics import METRICS_FILE, read_metrics
 from pixeldit.training.optim import clip_by_global_norm, lr_schedule, make_optimizer
 from pixeldit.training.state import (
@@ -59,6 +59,7 @@ __all__ = [
     "CONFIG_FILE",
     "Checkpoint",
     "IncompatibleCheckpointError",
+    "Interrupted",
     "METRICS_FILE",
     "NonFiniteLossError",
     "RESUME_FREE_MODEL_FIELDS",

@@ -36,6 +36,8 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -215,6 +217,7 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mappi
         return step
     meta = json_roundtrip(dict(meta, step=step))
     items = checkpoint_items(state)
+    _test_pause(step)
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -225,6 +228,15 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mappi
     )
     mngr.wait_until_finished()
     return step
+
+
+def _test_pause(step: int) -> None:
+    """Test hook: with ``PIXELDIT_TEST_SAVE_PAUSE=<seconds>`` every save prints one line to stderr and
+    waits, so that a test can send a signal while a save is under way."""
+    pause = os.environ.get("PIXELDIT_TEST_SAVE_PAUSE")
+    if pause:
+        print(f"test hook: pausing in the save of step {step}", file=sys.stderr, flush=True)
+        time.sleep(float(pause))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:

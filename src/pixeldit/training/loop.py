@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +45,7 @@ from pixeldit.training.step import prepare_batch, shared_sharded_train_step, sha
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "TrainResult", "train"]
 
 Callback = Callable[[int, nnx.Module], Any]
 
@@ -54,6 +56,51 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint at ``step``.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops here too; ``signum`` says which
+    signal came (the ``pixeldit`` command exits with ``128 + signum``: 130 or 143).
+    """
+
+    def __init__(self, signum: int, step: int | None):
+        saved = f"checkpoint saved at step {step}" if step is not None else "no checkpoint could be saved"
+        super().__init__(f"{signal.Signals(signum).name}: {saved}")
+        self.signum, self.step = signum, step
+
+
+class _Signals:
+    """While active (main thread only), SIGINT and SIGTERM set :attr:`received` instead of raising.
+
+    The loop checks it between steps: it finishes the step and any save under way, saves and
+    stops.  A second signal during that save only says to wait; exceptions raised inside orbax's
+    write would leave a half-written temporary directory and no checkpoint of this step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            log.warning("%s received: finishing this step, then saving a checkpoint and stopping", name)
+        else:
+            log.warning("%s received: still saving the checkpoint, please wait", name)
 
 
 @dataclasses.dataclass
@@ -97,8 +144,10 @@ def train(
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
-    good checkpoint stays the latest).  ``KeyboardInterrupt`` saves a checkpoint at the current
-    step, then re-raises.
+    good checkpoint stays the latest).  SIGINT (Ctrl-C) and SIGTERM (what schedulers send on
+    preemption) let the current step and any save under way finish, save a checkpoint and its
+    metrics record at that step, then raise :class:`Interrupted` (a ``KeyboardInterrupt``); a
+    ``KeyboardInterrupt`` raised otherwise (e.g. by the dataset) also saves, then re-raises.
 
     Args:
       model_config: model config (:class:`pixeldit.model.PixelDiTConfig`).
@@ -143,7 +192,8 @@ def train(
             put_batch = functools.partial(parallel.shard_batch, mesh=mesh)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
-        state = loop.run(state, step_fn, put_batch, dataset)
+        with _Signals() as signals:
+            state = loop.run(state, step_fn, put_batch, dataset, signals)
         if traces[0] - traces_before > 1:
             warnings.warn(f"the train step was traced {traces[0] - traces_before} times; check batch shapes/dtypes",
                           stacklevel=2)
@@ -223,14 +273,17 @@ class _Loop:
         self.mngr, self.meta, self.tc, self.workdir, self.is_main = mngr, meta, tc, workdir, is_main
         self.callbacks = [] if callbacks is None else [callbacks] if callable(callbacks) else list(callbacks)
         self.losses: list[float] = []
+        self.last: tuple[int, dict[str, float]] | None = None  # the newest checked step and its metrics
         self.start, self.t0 = start, t_start  # t0: when train() began (the metrics' "time")
         self.log_t, self.log_step = time.perf_counter(), start
         self.pbar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True, desc="train")
 
-    def run(self, state, step_fn, put_batch, dataset):
+    def run(self, state, step_fn, put_batch, dataset, signals: _Signals):
         tc, pending = self.tc, None  # pending: (step, device metrics) not yet checked
         try:
             for s in range(self.start, tc.steps):
+                if signals.received is not None:
+                    break
                 state, metrics = step_fn(state, put_batch(dataset.get_batch(s, tc.batch_size)))
                 n = s + 1
                 if pending is not None:
@@ -253,7 +306,13 @@ class _Loop:
                     del model
             if pending is not None:
                 self.check(*pending)
+                pending = None
+            if signals.received is not None:
+                step = self.save_on_interrupt(state, None, quiet=True)
+                raise Interrupted(signals.received, step)
             return state
+        except Interrupted:
+            raise
         except KeyboardInterrupt:
             self.save_on_interrupt(state, pending)
             raise
@@ -272,6 +331,7 @@ class _Loop:
                 n,
             )
         self.losses.append(host["loss"])
+        self.last = (n, host)
         self.pbar.update(1)
         return host
 
@@ -289,12 +349,19 @@ class _Loop:
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending) -> None:
+    def save_on_interrupt(self, state, pending, quiet: bool = False) -> int | None:
+        """Save ``state`` (and its metrics record, if not logged yet); returns the step saved
+        (``quiet``: the caller reports it)."""
         try:
             if pending is not None:
                 self.check(*pending)
-            log.warning("interrupted: saved checkpoint at step %d", save_train_state(self.mngr, state, self.meta))
+            if self.is_main and self.last is not None and self.last[0] != self.log_step:
+                self.log(*self.last)
+            step = save_train_state(self.mngr, state, self.meta)
+            (log.info if quiet else log.warning)("interrupted: saved checkpoint at step %d", step)
+            return step
         except NonFiniteLossError as e:
             log.error("interrupted after a non-finite step; not saving: %s", e)
         except Exception as e:  # e.g. state buffers already donated
             log.error("interrupted: could not save a checkpoint: %s", e)
+        return None
