@@ -41,10 +41,10 @@ def _errors() -> tuple[type[BaseException], ...]:
     from pixeldit.convert import ConversionError
     from pixeldit.data import DataError
     from pixeldit.runconfig import ConfigError
-    from pixeldit.training import IncompatibleCheckpointError, NonFiniteLossError
+    from pixeldit.training import IncompatibleCheckpointError, NonFiniteLossError, WorkdirLockedError
 
     return (ConfigError, DataError, ConversionError, IncompatibleCheckpointError, NonFiniteLossError,
-            FileNotFoundError, ImportError)
+            WorkdirLockedError, FileNotFoundError, ImportError)
 
 
 def _call(fn: Callable[[], Any]) -> Any:

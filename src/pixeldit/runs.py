@@ -47,6 +47,7 @@ from pixeldit.runconfig import (
 )
 from pixeldit.training import (
     IncompatibleCheckpointError,
+    workdir_lock,
     latest_checkpoint_step,
     load_checkpoint,
     read_checkpoint_meta,
@@ -145,6 +146,11 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     workdir = Path(workdir)
     dataset = load_run_dataset(run)
     model_config = resolve_model_config(run.model, dataset)
+    with workdir_lock(workdir):  # before run.json is written: a second run must not touch it
+        return _train_locked(run, workdir, dataset, model_config, progress, echo)
+
+
+def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress: bool, echo) -> dict[str, Any]:
     fresh = latest_checkpoint_step(workdir) is None
     saved = {} if fresh else read_checkpoint_meta(workdir)
     if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):

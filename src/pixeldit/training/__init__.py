@@ -32,6 +32,7 @@ from pixeldit.training.config import (
     effective_model_config,
 )
 from pixeldit.training.fallback import DAMAGED_SUBDIR
+from pixeldit.training.lock import WorkdirLockedError, workdir_lock
 from pixeldit.training.loop import Interrupted, NonFiniteLossError, TrainResult, train
 from pixeldit.training.metrics import METRICS_FILE, read_metrics
 from pixeldit.training.optim import clip_by_global_norm, lr_schedule, make_optimizer
@@ -66,6 +67,7 @@ __all__ = [
     "RESUME_FREE_TRAIN_FIELDS",
     "TrainConfig",
     "TrainResult",
+    "WorkdirLockedError",
     "TrainState",
     "abstract_sharded_state",
     "abstract_train_state",
@@ -97,4 +99,5 @@ __all__ = [
     "shared_train_step",
     "train",
     "train_model",
+    "workdir_lock",
 ]

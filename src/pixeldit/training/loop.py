@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -33,6 +34,7 @@ from pixeldit.training.checkpoint import (
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
 from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
+from pixeldit.training.lock import workdir_lock
 from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
@@ -168,6 +170,9 @@ def train(
     :func:`pixeldit.parallel.shard_batch`.  Multi-host runs are started by
     :func:`pixeldit.parallel.initialize_distributed` (environment variables); only process 0
     writes ``config.json``, metrics and the progress bar.
+
+    One training process per workdir: a second one raises
+    :class:`~pixeldit.training.lock.WorkdirLockedError` naming the holder's PID and host.
     """
     t_start = time.perf_counter()
     tc, workdir = train_config, Path(workdir)
@@ -176,6 +181,15 @@ def train(
     meta = json_roundtrip({"model_config": cfg.to_dict(), "train_config": tc.to_dict(), "dataset": describe_dataset(dataset)})
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
+    with workdir_lock(workdir) if is_main else contextlib.nullcontext():
+        return _train(cfg, tc, dataset, workdir, meta, (mesh, fsdp), callbacks, progress, check_dataset, model_fn,
+                      is_main, t_start)
+
+
+def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callbacks, progress: bool,
+           check_dataset: bool, model_fn, is_main: bool, t_start: float) -> TrainResult:
+    """:func:`train` once the workdir lock is held."""
+    mesh, fsdp = mesh_fsdp
     with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
         state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset)
         if is_main:
