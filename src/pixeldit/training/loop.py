@@ -35,7 +35,7 @@ from pixeldit.training.checkpoint import (
 from pixeldit.training.config import TrainConfig, effective_model_config
 from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
 from pixeldit.training.lock import workdir_lock
-from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
+from pixeldit.training.metrics import append_metrics, atomic_write_text, move_metrics_aside, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
     abstract_train_state,
@@ -251,6 +251,8 @@ def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn
     """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check)
     or fresh.  Unreadable newer checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
     if mngr.latest_step() is None:
+        if jax.process_index() == 0 and (old := move_metrics_aside(mngr.directory.parent)) is not None:
+            log.warning("no checkpoint to resume from: starting at step 0; the old metrics are kept as %s", old)
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
