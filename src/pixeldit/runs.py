@@ -31,6 +31,7 @@ from pixeldit.conditions import (
     value_range_for,
 )
 from pixeldit.data import load_dataset
+from pixeldit.data.stream import StreamBatches, host_shard, open_stream
 from pixeldit.evaluate import benchmarks, plot_sample_grid
 from pixeldit.model import CONFIG_KINDS, PRESETS, config_from_dict, count_params, preset
 from pixeldit.runconfig import (
@@ -69,7 +70,11 @@ def load_run_dataset(run: RunConfig):
     (:func:`resolve_model_config`).
     """
     patch = run.model.get("patch_size")
-    ds = load_dataset(run.data.source, patch_size=patch, **run.data.options())
+    if run.data.streams:
+        stream = open_stream(run.data.source, patch_size=patch, **run.data.options())
+        ds = StreamBatches(stream, shard=host_shard(), workers=run.data.workers or 0)
+    else:
+        ds = load_dataset(run.data.source, patch_size=patch, **run.data.options())
     return ConstantLabelDataset(ds) if ds.condition == "none" else ds
 
 

@@ -33,6 +33,7 @@ from pixeldit.training.checkpoint import (
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
+from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
 from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
 from pixeldit.training.lock import workdir_lock
 from pixeldit.training.metrics import append_metrics, atomic_write_text, move_metrics_aside, truncate_metrics
@@ -142,7 +143,8 @@ def train(
     checking that its model config, train settings and dataset description match
     (:func:`~pixeldit.training.checkpoint.check_compatible`; raises ``IncompatibleCheckpointError``
     listing each differing field).  Batch ``s`` (0-based) is ``dataset.get_batch(s, batch_size)``
-    and produces state step ``s + 1``, so resumed runs see the same data stream.
+    and produces state step ``s + 1``, so resumed runs see the same data stream (a streaming
+    dataset's position is kept in the checkpoints: :mod:`pixeldit.training.datastate`).
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
@@ -191,7 +193,7 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
     """:func:`train` once the workdir lock is held."""
     mesh, fsdp = mesh_fsdp
     with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset)
+        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         if mesh is None:
@@ -203,7 +205,7 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
             step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype)
-            put_batch = functools.partial(parallel.shard_batch, mesh=mesh)
+            put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=_process_local(dataset))
         start, traces_before = int(jax.device_get(state.step)), traces[0]
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
         with _Signals() as signals:
@@ -213,7 +215,7 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
                           stacklevel=2)
         final_step = int(jax.device_get(state.step))
         if final_step > start:
-            save_train_state(mngr, state, meta)
+            save_train_state(mngr, state, with_data_state(meta, dataset))
         wall = time.perf_counter() - t_start
         latest = mngr.latest_step()
         summary = {
@@ -247,9 +249,15 @@ def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
     return mesh, fsdp
 
 
-def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool):
-    """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check)
-    or fresh.  Unreadable newer checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
+def _process_local(dataset) -> bool:
+    """Whether ``dataset`` serves only this host's rows (a stream sharded over hosts)."""
+    return bool(getattr(stream_of(dataset), "process_local", False))
+
+
+def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool, dataset):
+    """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check,
+    with a streaming dataset put at the checkpoint's position) or fresh.  Unreadable newer
+    checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
     if mngr.latest_step() is None:
         if jax.process_index() == 0 and (old := move_metrics_aside(mngr.directory.parent)) is not None:
             log.warning("no checkpoint to resume from: starting at step 0; the old metrics are kept as %s", old)
@@ -263,11 +271,13 @@ def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn
         abstract = parallel.with_shardings(abstract, shardings)
 
     def read(step):
-        check_compatible(read_meta(mngr, step), meta, check_dataset=check_dataset)
-        return restore_train_state(mngr, step, abstract)
+        saved = read_meta(mngr, step)
+        check_compatible(saved, meta, check_dataset=check_dataset)
+        return saved, restore_train_state(mngr, step, abstract)
 
     workdir = Path(mngr.directory).parent
-    latest, state = newest_intact(mngr, read, then=f"moved to {workdir / DAMAGED_SUBDIR}, resuming from an older one")
+    latest, (saved, state) = newest_intact(mngr, read, then=f"moved to {workdir / DAMAGED_SUBDIR}, resuming from an older one")
+    restore_data_state(dataset, saved, latest)
     damaged = [s for s in mngr.all_steps() if s > latest]
     if damaged and jax.process_index() == 0:
         for s in damaged:
@@ -314,7 +324,7 @@ class _Loop:
                 if do_log and self.is_main:
                     self.log(n, host)
                 if do_ckpt:
-                    save_train_state(self.mngr, state, self.meta)
+                    save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
                 if do_sample:
                     model = ema_model(state)
                     for cb in self.callbacks:
@@ -324,13 +334,13 @@ class _Loop:
                 self.check(*pending)
                 pending = None
             if signals.received is not None:
-                step = self.save_on_interrupt(state, None, quiet=True)
+                step = self.save_on_interrupt(state, None, dataset, quiet=True)
                 raise Interrupted(signals.received, step)
             return state
         except Interrupted:
             raise
         except KeyboardInterrupt:
-            self.save_on_interrupt(state, pending)
+            self.save_on_interrupt(state, pending, dataset)
             raise
         finally:
             self.pbar.close()
@@ -365,7 +375,7 @@ class _Loop:
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending, quiet: bool = False) -> int | None:
+    def save_on_interrupt(self, state, pending, dataset, quiet: bool = False) -> int | None:
         """Save ``state`` (and its metrics record, if not logged yet); returns the step saved
         (``quiet``: the caller reports it)."""
         try:
@@ -373,7 +383,7 @@ class _Loop:
                 self.check(*pending)
             if self.is_main and self.last is not None and self.last[0] != self.log_step:
                 self.log(*self.last)
-            step = save_train_state(self.mngr, state, self.meta)
+            step = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
             (log.info if quiet else log.warning)("interrupted: saved checkpoint at step %d", step)
             return step
         except NonFiniteLossError as e:
