@@ -12,6 +12,7 @@ only parses arguments and prints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ from pixeldit.training import (
 )
 
 __all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "sample_run", "train_run"]
+
+log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
@@ -156,7 +159,11 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
 
 
 def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress: bool, echo) -> dict[str, Any]:
-    fresh = latest_checkpoint_step(workdir) is None
+    latest = latest_checkpoint_step(workdir)
+    fresh = latest is None
+    if latest is not None and run.train.steps < latest:
+        raise ConfigError(f"train.steps={run.train.steps} is below the step of the latest checkpoint in '{workdir}' "
+                          f"({latest}); give train.steps >= {latest} to continue this run, or use a new --workdir")
     saved = {} if fresh else read_checkpoint_meta(workdir)
     if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):
         # a theta run whose encoding is recorded beside the data: resume it in that layout
@@ -181,13 +188,27 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
     return summary
 
 
-def _image_shape(meta: Mapping[str, Any], sample: SampleSection) -> tuple[int, int]:
+def _image_shape(meta: Mapping[str, Any], sample: SampleSection, patch_size: int) -> tuple[int, int]:
     if sample.image_size is not None:
+        if any(v % patch_size for v in sample.image_size):
+            raise ConfigError(f"--image-size (sample.image_size) {list(sample.image_size)}: both sides must be "
+                              f"multiples of the model's patch size {patch_size}")
         return tuple(int(v) for v in sample.image_size)
     shape = dataset_meta(meta).get("image_shape")
     if not shape:
         raise ConfigError("the checkpoint does not record an image size: pass --image-size H W (sample.image_size)")
     return int(shape[0]), int(shape[1])
+
+
+def check_condition_options(kind: str, sample: SampleSection) -> None:
+    """Options that do not apply to a model of ``kind`` are errors; odd-but-valid ones a warning line."""
+    if sample.theta and kind != "theta":
+        raise ConfigError(f"--theta (sample.theta) applies to theta models; this is a {kind} model (use --labels)")
+    if sample.labels and kind != "c2i":
+        raise ConfigError(f"--labels (sample.labels) applies to class-conditional models; this is a {kind} model"
+                          + (" (use --theta)" if kind == "theta" else ""))
+    if sample.guidance < 0:
+        log.warning("guidance %g < 0 pushes samples away from the condition (1: no guidance)", sample.guidance)
 
 
 def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
@@ -206,6 +227,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
     model, model_config, meta = ckpt.model, ckpt.model_config, ckpt.meta
     dmeta = dataset_meta(meta)
+    check_condition_options(model_config.kind, sample)
     if model_config.kind == "theta" and not sample.theta and dmeta.get("name") != "grf" and run is not None:
         _, data_theta = load_run_dataset(run).arrays()  # the training data's own thetas, cycled
         y = data_theta[np.arange(sample.num_samples) % len(data_theta)].astype(np.float32)
@@ -213,7 +235,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     else:
         y, y_null = make_conditions(model_config, dmeta, sample.num_samples, labels=sample.labels,
                                     theta=sample.theta, seed=sample.seed, condition_file=condition_file)
-    image_shape = _image_shape(meta, sample)
+    image_shape = _image_shape(meta, sample, model_config.patch_size)
     t0 = time.perf_counter()
     x = draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
                      guidance=sample.guidance, guidance_interval=sample.guidance_interval,
