@@ -84,11 +84,11 @@ def _type_ok(value: Any, kind: str) -> bool:
 
 
 def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return _type_ok(v, "int") and v >= 1
 
 
 def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _type_ok(v, "float") and math.isfinite(v)
 
 
 def _check_positive(section: str, obj: Any, names: Sequence[str]) -> None:
@@ -114,6 +114,8 @@ class _Section:
             if self._types[f.name] == "list":
                 object.__setattr__(self, f.name, _freeze(v))
             elif self._types[f.name] == "float":
+                if not math.isfinite(v):
+                    raise ConfigError(f"{self._name}.{f.name} must be a finite number, got {v!r}")
                 object.__setattr__(self, f.name, float(v))
 
     @classmethod
@@ -259,15 +261,12 @@ class SampleSection(_Section):
             raise ConfigError(f"sample.guidance_interval must be [lo, hi], got {list(self.guidance_interval)}")
         if self.image_size is not None and not (len(self.image_size) == 2 and all(map(_positive_int, self.image_size))):
             raise ConfigError(f"sample.image_size must be [H, W] of whole numbers >= 1, got {list(self.image_size)}")
-        if not math.isfinite(self.guidance):
-            raise ConfigError(f"sample.guidance must be a finite number, got {self.guidance}")
         lo, hi = self.guidance_interval
         if not (_finite_number(lo) and _finite_number(hi) and 0 <= lo <= hi <= 1):
             raise ConfigError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {[lo, hi]}")
-        if not (math.isfinite(self.timeshift) and self.timeshift > 0):
+        if self.timeshift <= 0:
             raise ConfigError(f"sample.timeshift must be a number > 0 (1: no shift), got {self.timeshift}")
-        bad = [v for v in self.labels if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0)]
-        if bad:
+        if bad := [v for v in self.labels if not (_type_ok(v, "int") and v >= 0)]:
             raise ConfigError(f"sample.labels must be class indices (whole numbers >= 0), got {bad[0]!r}")
         rows = [r if isinstance(r, (list, tuple)) else (r,) for r in self.theta]
         if any(isinstance(r, (list, tuple)) for r in self.theta) and len({len(r) for r in rows}) > 1:
@@ -304,8 +303,6 @@ class EvalSection(_Section):
                                        "batch_size"))
         if self.method is not None and self.method not in METHODS:
             raise ConfigError(f"eval.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.guidance is not None and not math.isfinite(self.guidance):
-            raise ConfigError(f"eval.guidance must be a finite number, got {self.guidance}")
 
 
 @dataclass(frozen=True)
@@ -372,6 +369,7 @@ def _read_raw(source: str | os.PathLike) -> tuple[str, dict]:
                 raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot parse run config '{path}': {e}") from e
+        raw.pop("history", None)  # run.json: settings changed on resume, not part of the config
         name = raw.pop("name", None) or (path.parent.name if path.name == RUN_FILE else path.stem)
         return str(name), raw
     builtin = CONFIG_DIR / f"{source}.toml"
@@ -468,12 +466,14 @@ def load_run_config(
     return build_run_config(name, raw)
 
 
-def save_run_config(run: RunConfig, workdir: str | os.PathLike) -> Path:
-    """Write ``workdir/run.json`` (the resolved run config), atomically."""
+def save_run_config(run: RunConfig, workdir: str | os.PathLike, history: Sequence[Mapping] = ()) -> Path:
+    """Write ``workdir/run.json`` (the resolved run config), atomically, keeping its ``history``
+    (settings changed on resume: :func:`pixeldit.runs.train_run`) with ``history`` appended."""
     path = Path(workdir) / RUN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    history = (json.loads(path.read_text()).get("history", []) if path.is_file() else []) + list(history)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(run.to_dict() | ({"history": history} if history else {}), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -48,6 +48,7 @@ from pixeldit.runconfig import (
     save_run_config,
 )
 from pixeldit.training import (
+    RESUME_OPTIMIZER_FIELDS,
     IncompatibleCheckpointError,
     workdir_lock,
     latest_checkpoint_step,
@@ -179,13 +180,22 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
         incompatible = True
         raise
     finally:
-        if not incompatible and not fresh:
-            save_run_config(run, workdir)  # settings a resumed run may change (steps, sample, eval)
+        if not incompatible and not fresh:  # settings a resumed run may change (steps, optimiser, sample, eval)
+            save_run_config(run, workdir, history=_resume_changes(saved, run))
     summary = {k: v for k, v in result.summary.items() if k != "losses"}
     summary.update(workdir=str(workdir), run_config=str(workdir / RUN_FILE), num_params=count_params(model_config),
                    dataset=dataset.metadata().get("name"), image_shape=list(dataset.image_shape))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _resume_changes(saved: Mapping[str, Any], run: RunConfig) -> list[dict[str, Any]]:
+    """``run.json`` history entry of a resume that changed optimiser settings or steps (else none)."""
+    old, new = saved.get("train_config", {}), run.train.to_dict()
+    changed = {k: [old.get(k), new[k]] for k in sorted(RESUME_OPTIMIZER_FIELDS | {"steps"}) if old.get(k) != new[k]}
+    if not changed:
+        return []
+    return [{"resumed_at_step": saved.get("step"), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}]
 
 
 def _image_shape(meta: Mapping[str, Any], sample: SampleSection, patch_size: int) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from pixeldit.training.config import (
     COMPUTE_DTYPES,
     RESUME_FREE_MODEL_FIELDS,
     RESUME_FREE_TRAIN_FIELDS,
+    RESUME_OPTIMIZER_FIELDS,
     TrainConfig,
     effective_model_config,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "NonFiniteLossError",
     "RESUME_FREE_MODEL_FIELDS",
     "RESUME_FREE_TRAIN_FIELDS",
+    "RESUME_OPTIMIZER_FIELDS",
     "TrainConfig",
     "TrainResult",
     "WorkdirLockedError",

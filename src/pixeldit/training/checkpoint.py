@@ -52,7 +52,12 @@ from jax.sharding import Mesh
 from pixeldit.flat import ParamLayout
 from pixeldit.model import PixelDiTConfig, build_model, config_from_dict
 from pixeldit.parallel import param_spec
-from pixeldit.training.config import RESUME_FREE_MODEL_FIELDS, RESUME_FREE_TRAIN_FIELDS, TrainConfig
+from pixeldit.training.config import (
+    RESUME_FREE_MODEL_FIELDS,
+    RESUME_FREE_TRAIN_FIELDS,
+    RESUME_OPTIMIZER_FIELDS,
+    TrainConfig,
+)
 from pixeldit.training.fallback import newest_readable
 from pixeldit.training.state import TrainState, abstract_sharded_state
 
@@ -335,13 +340,17 @@ def check_compatible(saved_meta: Mapping[str, Any], new_meta: Mapping[str, Any],
     """Raise :class:`IncompatibleCheckpointError` listing every differing field.
 
     Compares the model configs (except :data:`RESUME_FREE_MODEL_FIELDS`), the
-    train configs (except :data:`RESUME_FREE_TRAIN_FIELDS`) and, if
+    train configs (except :data:`RESUME_FREE_TRAIN_FIELDS` and :data:`RESUME_OPTIMIZER_FIELDS`) and, if
     ``check_dataset``, the dataset descriptions.
     """
     saved, new = json_roundtrip(dict(saved_meta)), json_roundtrip(dict(new_meta))
     saved_model, new_model = (_normalized_model_config(m.get("model_config", {})) for m in (saved, new))
     diffs = _diff_dicts("model", saved_model, new_model, RESUME_FREE_MODEL_FIELDS)
-    diffs += _diff_dicts("train", saved.get("train_config", {}), new.get("train_config", {}), RESUME_FREE_TRAIN_FIELDS)
+    saved_train, new_train = saved.get("train_config", {}), new.get("train_config", {})
+    diffs += _diff_dicts("train", saved_train, new_train, RESUME_FREE_TRAIN_FIELDS | RESUME_OPTIMIZER_FIELDS)
+    if "grad_clip" in saved_train and (saved_train["grad_clip"] is None) != (new_train.get("grad_clip") is None):
+        diffs.append(f"train.grad_clip: checkpoint={saved_train['grad_clip']!r} requested={new_train.get('grad_clip')!r} "
+                     "(clipping can change its bound on resume, not be switched on or off)")
     if check_dataset:
         so, no = saved.get("dataset"), new.get("dataset")
         if isinstance(so, dict) and isinstance(no, dict):
