@@ -7,8 +7,11 @@ errors go through the same one-line path as in a shell.  Most cases fail before 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,8 +109,6 @@ def test_steps_below_the_checkpoint(capsys, trained):
 
 
 def test_second_train_is_refused(capsys, trained):
-    import subprocess
-
     hold = subprocess.Popen([sys.executable, "-c", "import sys, time; from pixeldit.training import workdir_lock\n"
                              "with workdir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
                              str(trained)], stdout=subprocess.PIPE, text=True,
@@ -172,3 +173,41 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PIXELDIT_DEBUG", "1")
     with pytest.raises(Exception, match="timeshift"):
         cli.run(["train", "digits", "-w", str(tmp_path / "wd"), "--set", "sample.timeshift=-1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a damaged newest checkpoint: sample, eval and train go on from the previous one
+# ---------------------------------------------------------------------------------------------
+
+
+def damaged_copy(trained: Path, dest: Path) -> Path:
+    shutil.copytree(trained, dest)
+    meta = dest / "checkpoints" / "2" / "meta" / "metadata"
+    meta.write_bytes(b"\0" * meta.stat().st_size)
+    return dest
+
+
+def test_sample_from_a_damaged_run_in_a_shell(trained, tmp_path):
+    """The real command: one warning line on stderr, samples from step 1."""
+    wd = damaged_copy(trained, tmp_path / "wd")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(cli.__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "pixeldit", "sample", str(wd), "--no-progress", "--num", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "step 2 is unreadable" in lines[0], lines
+    assert "samples from step 1" in proc.stdout
+
+
+def test_eval_and_train_on_a_damaged_run(capsys, caplog, trained, tmp_path):
+    wd = damaged_copy(trained, tmp_path / "wd")
+    with caplog.at_level(logging.WARNING):
+        code, err, out = run(capsys, "eval", wd, "--no-progress", "--set", "eval.samples_per_class=1")
+        assert code == 0, err
+        assert json.loads((wd / "eval" / "metrics.json").read_text())["step"] == 1
+        code, err, out = run(capsys, "train", "digits", "-w", wd, *TINY, "--set", "train.steps=3")
+        assert code == 0, err
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(msgs) == 2 and all("step 2 is unreadable" in m for m in msgs), msgs
+    assert (wd / "damaged_checkpoints" / "2").is_dir()
+    assert [r["step"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]

@@ -165,7 +165,7 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
     if latest is not None and run.train.steps < latest:
         raise ConfigError(f"train.steps={run.train.steps} is below the step of the latest checkpoint in '{workdir}' "
                           f"({latest}); give train.steps >= {latest} to continue this run, or use a new --workdir")
-    saved = {} if fresh else read_checkpoint_meta(workdir)
+    saved = {} if fresh else read_checkpoint_meta(workdir, warn=False)  # train() reports a damaged one
     if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):
         # a theta run whose encoding is recorded beside the data: resume it in that layout
         dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])

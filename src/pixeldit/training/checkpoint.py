@@ -286,11 +286,11 @@ def restore_sharded_train_state(mngr: ocp.CheckpointManager, step: int, model_co
 
 
 def newest_intact(mngr: ocp.CheckpointManager, read: Callable[[int], Any], step: int | None = None, *,
-                  then: str = "using an older one") -> tuple[int, Any]:
+                  then: str = "using an older one", warn: bool = True) -> tuple[int, Any]:
     """``(step, read(step))`` for the newest checkpoint of ``mngr`` that ``read`` can read
     (:func:`pixeldit.training.fallback.newest_readable`; an incompatible one is not skipped)."""
     return newest_readable(mngr.directory, mngr.all_steps(), read, step, then=then,
-                           passthrough=(IncompatibleCheckpointError,))
+                           passthrough=(IncompatibleCheckpointError,), warn=warn)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -306,12 +306,13 @@ def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
         return mngr.latest_step()
 
 
-def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """JSON metadata (model_config, train_config, dataset, step) of a checkpoint."""
+def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None, *, warn: bool = True) -> dict[str, Any]:
+    """JSON metadata (model_config, train_config, dataset, step) of a checkpoint (default: the newest
+    whose metadata can be read; ``warn=False``: skip a damaged one without the warning line)."""
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
     with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
-        return newest_intact(mngr, functools.partial(read_meta, mngr), step)[1]
+        return newest_intact(mngr, functools.partial(read_meta, mngr), step, warn=warn)[1]
 
 
 def _diff_dicts(prefix: str, old: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[str]:

@@ -80,12 +80,13 @@ def _swallow_leftovers():
 
 
 def newest_readable(directory: Path, steps: Iterable[int], read: Callable[[int], Any], step: int | None = None, *,
-                    then: str = "using an older one", passthrough: tuple[type[BaseException], ...] = ()) -> tuple[int, Any]:
+                    then: str = "using an older one", passthrough: tuple[type[BaseException], ...] = (),
+                    warn: bool = True) -> tuple[int, Any]:
     """``(step, read(step))`` for the newest checkpoint that ``read`` can read.
 
     With an explicit ``step`` only that one is read (and its error raised).  Otherwise each step
     is tried from the newest down; one that fails is reported in one warning line naming the step
-    and the cause (followed by ``then``), and the next older one is tried.  ``FileNotFoundError`` when there is none, or
+    and the cause (followed by ``then``; at debug level unless ``warn``), and the next older one is tried.  ``FileNotFoundError`` when there is none, or
     a ``ValueError`` naming every step's cause when none can be read.
     """
     steps = sorted(steps, reverse=True)
@@ -107,7 +108,7 @@ def newest_readable(directory: Path, steps: Iterable[int], read: Callable[[int],
             raise
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged file
             causes.append(f"step {s}: {_cause(e)}")
-            log.warning("checkpoint at step %d is unreadable (%s); %s", s, _cause(e), then)
+            (log.warning if warn else log.debug)("checkpoint at step %d is unreadable (%s); %s", s, _cause(e), then)
     raise ValueError(f"no readable checkpoint in {directory}: " + "; ".join(causes))
 
 
