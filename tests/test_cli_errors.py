@@ -211,3 +211,23 @@ def test_eval_and_train_on_a_damaged_run(capsys, caplog, trained, tmp_path):
     assert len(msgs) == 2 and all("step 2 is unreadable" in m for m in msgs), msgs
     assert (wd / "damaged_checkpoints" / "2").is_dir()
     assert [r["step"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+
+def test_full_disk_during_a_save(capsys, tmp_path, monkeypatch):
+    """ENOSPC while orbax commits step 2: one line; step 1 stays the intact latest checkpoint."""
+    from orbax.checkpoint._src.path import atomicity
+
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full(self, *args, **kwargs):
+        if "/2." in str(self.get()) or str(self.get()).endswith("/2"):
+            raise OSError(28, "No space left on device", str(self.get()))
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full)
+    wd = tmp_path / "wd"
+    one_error(capsys, ["train", "digits", "-w", wd, *TINY], 1, "No space left on device")
+    monkeypatch.undo()
+    assert sorted(n for n in os.listdir(wd / "checkpoints") if "tmp" not in n) == ["1"]
+    assert cli.run(["train", "digits", "-w", str(wd), *TINY]) == 0  # resumes from step 1
+    assert [r["step"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())] == [1, 2]
