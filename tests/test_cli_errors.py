@@ -231,3 +231,18 @@ def test_full_disk_during_a_save(capsys, tmp_path, monkeypatch):
     assert sorted(n for n in os.listdir(wd / "checkpoints") if "tmp" not in n) == ["1"]
     assert cli.run(["train", "digits", "-w", str(wd), *TINY]) == 0  # resumes from step 1
     assert [r["step"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_condition_options_of_a_theta_model(caplog):
+    from pixeldit.model import ThetaConfig
+    from pixeldit.runconfig import ConfigError, SampleSection
+
+    cfg = ThetaConfig().with_encoding([0.0, -1.0], [1.0, 1.0])
+    with caplog.at_level(logging.WARNING):
+        runs.check_condition_options(cfg, SampleSection(theta=((0.5, 0.0), (1.0, -1.0))))
+        assert not caplog.records  # on the box's edge: fine
+        runs.check_condition_options(cfg, SampleSection(theta=((0.5, 0.0), (3.0, 0.0))))
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "[3.0, 0.0]" in msg and "outside the training box" in msg
+    with pytest.raises(ConfigError, match="--labels"):
+        runs.check_condition_options(cfg, SampleSection(labels=(1,)))

@@ -210,8 +210,10 @@ def _image_shape(meta: Mapping[str, Any], sample: SampleSection, patch_size: int
     return int(shape[0]), int(shape[1])
 
 
-def check_condition_options(kind: str, sample: SampleSection) -> None:
-    """Options that do not apply to a model of ``kind`` are errors; odd-but-valid ones a warning line."""
+def check_condition_options(model_config, sample: SampleSection) -> None:
+    """Options that do not apply to the model's kind are errors; odd-but-valid ones a warning line
+    (negative guidance, theta outside the box the model's theta encoding was fitted to)."""
+    kind = model_config.kind
     if sample.theta and kind != "theta":
         raise ConfigError(f"--theta (sample.theta) applies to theta models; this is a {kind} model (use --labels)")
     if sample.labels and kind != "c2i":
@@ -219,6 +221,14 @@ def check_condition_options(kind: str, sample: SampleSection) -> None:
                           + (" (use --theta)" if kind == "theta" else ""))
     if sample.guidance < 0:
         log.warning("guidance %g < 0 pushes samples away from the condition (1: no guidance)", sample.guidance)
+    center, scale = getattr(model_config, "theta_center", None), getattr(model_config, "theta_scale", None)
+    if sample.theta and center is not None and scale is not None:
+        rows = np.asarray(sample.theta, np.float64).reshape(-1, len(center))
+        far = np.abs(rows - np.asarray(center)) > np.asarray(scale)
+        if far.any():
+            lo, hi = np.asarray(center) - np.asarray(scale), np.asarray(center) + np.asarray(scale)
+            log.warning("theta %s lies outside the training box [%s, %s]: the model extrapolates there",
+                        rows[far.any(axis=1)][0].tolist(), lo.tolist(), hi.tolist())
 
 
 def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
@@ -237,7 +247,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
     model, model_config, meta = ckpt.model, ckpt.model_config, ckpt.meta
     dmeta = dataset_meta(meta)
-    check_condition_options(model_config.kind, sample)
+    check_condition_options(model_config, sample)
     if model_config.kind == "theta" and not sample.theta and dmeta.get("name") != "grf" and run is not None:
         _, data_theta = load_run_dataset(run).arrays()  # the training data's own thetas, cycled
         y = data_theta[np.arange(sample.num_samples) % len(data_theta)].astype(np.float32)
