@@ -74,6 +74,7 @@ __all__ = [
     "latest_checkpoint_step",
     "load_checkpoint",
     "newest_intact",
+    "quiet_orbax",
     "read_checkpoint_meta",
     "read_meta",
     "restore_sharded_train_state",
@@ -87,7 +88,7 @@ CONFIG_FILE = "config.json"
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_orbax():
     """Silence orbax's logging through absl while reading: notices about read-only managers, and the
     errors it logs itself about a damaged file (:func:`newest_intact` reports those in one line)."""
     logger = logging.getLogger("absl")
@@ -302,7 +303,7 @@ def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
     """Latest committed checkpoint step in ``workdir`` (None if there is none)."""
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         return None
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
         return mngr.latest_step()
 
 
@@ -311,7 +312,7 @@ def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None, *,
     whose metadata can be read; ``warn=False``: skip a damaged one without the warning line)."""
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
         return newest_intact(mngr, functools.partial(read_meta, mngr), step, warn=warn)[1]
 
 
@@ -406,7 +407,7 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, ema: bo
     """
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
         step, (model, model_config, meta) = newest_intact(
             mngr, functools.partial(_read_model, mngr, ema=ema), None if step is None else int(step))
     return Checkpoint(model=model, model_config=model_config, meta=meta, step=step, ema=ema)

@@ -28,6 +28,7 @@ from pixeldit.training.checkpoint import (
     describe_dataset,
     json_roundtrip,
     newest_intact,
+    quiet_orbax,
     read_meta,
     restore_train_state,
     save_train_state,
@@ -192,8 +193,11 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
            check_dataset: bool, model_fn, is_main: bool, t_start: float) -> TrainResult:
     """:func:`train` once the workdir lock is held."""
     mesh, fsdp = mesh_fsdp
-    with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
+    with quiet_orbax():  # orbax logs its own errors about a damaged checkpoint; _init_or_resume reports them
+        mngr = checkpoint_manager(workdir, keep=tc.keep_checkpoints)
+    with mngr:
+        with quiet_orbax():
+            state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         if mesh is None:
