@@ -246,3 +246,10 @@ def test_condition_options_of_a_theta_model(caplog):
     assert "[3.0, 0.0]" in msg and "outside the training box" in msg
     with pytest.raises(ConfigError, match="--labels"):
         runs.check_condition_options(cfg, SampleSection(labels=(1,)))
+
+
+def test_text_file_named_npz(capsys, tmp_path):
+    bad = tmp_path / "data.npz"
+    bad.write_text("not an archive\n")
+    msg = one_error(capsys, ["train", "digits", "--data", bad, "-w", tmp_path / "wd"], 1, str(bad), "not an .npz archive")
+    assert "pickle" not in msg
