@@ -149,7 +149,10 @@ def checkpoint_manager(workdir: str | os.PathLike, *, keep: int = 3, read_only: 
 
 
 def _extra(state: TrainState) -> dict[str, Any]:
-    return {"step": state.step, "rng": state.rng, "model_state": state.model_state}
+    extra = {"step": state.step, "rng": state.rng, "model_state": state.model_state}
+    if state.repa is not None:  # the REPA projector and its AdamW state
+        extra["repa"] = state.repa
+    return extra
 
 
 def _leaf_sharding(flat_sharding: Any):
@@ -255,6 +258,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: 
         opt_state=_map_flat(layout, flat, abstract_state.opt_state, r.opt_state),
         rng=r.extra["rng"],
         model_state=r.extra["model_state"],
+        repa=r.extra.get("repa"),
     )
 
 
