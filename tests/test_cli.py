@@ -148,6 +148,20 @@ def test_sample_writes_png_and_npz(digits_run, tmp_path):
     assert settings["guidance"] == 2.0 and settings["seed"] == 4 and settings["ema"] is True
 
 
+def test_sample_adm_out_writes_evaluator_batches_and_resumes(digits_run, tmp_path):
+    args = ("sample", digits_run, "--num", 12, "--labels", "3,7", "--set", "sample.batch_size=6", "--no-progress",
+            "--adm-out", tmp_path / "adm")
+    r = invoke(*args)
+    assert "12 samples from step 2: 2 batches drawn, 0 already there" in r.output
+    with np.load(tmp_path / "adm" / "samples_12.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 3)  # grayscale digits as RGB
+    np.testing.assert_array_equal(labels, [3, 7] * 6)
+    (tmp_path / "adm" / "batch_000001.npz").unlink()
+    assert "1 batches drawn, 1 already there" in invoke(*args).output
+    np.testing.assert_array_equal(np.load(tmp_path / "adm" / "samples_12.npz")["arr_0"], images)
+
+
 def test_sample_is_reproducible_and_raw_differs(digits_run, tmp_path):
     args = ("sample", digits_run, "--num", 2, "--no-progress")
     invoke(*args, "--out", tmp_path / "a")

@@ -270,9 +270,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=200)")
     lhs, raw = text.split("=", 1)
     parts = lhs.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the name must be section.key with a section of {', '.join(SECTIONS)}")
-    section, key = parts
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"override {text!r}: the name must be section.key (or section.table.key, e.g. "
+                          f"train.repa.encoder) with a section of {', '.join(SECTIONS)}")
+    section, key = parts[0], ".".join(parts[1:])
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
     raw = raw.strip()
@@ -381,7 +382,11 @@ def load_run_config(
         raw["data"] = {"source": str(data)} | ({"seed": seed} if seed is not None else {})
     for text in overrides:
         section, key, value = parse_override(text)
-        raw[section][key] = value
+        table, _, leaf = key.rpartition(".")
+        target = raw[section]
+        if table:  # a key of a table inside the section, e.g. [train.repa]
+            target[table] = target = dict(target.get(table) or {})
+        target[leaf] = value
     return build_run_config(name, raw)
 
 
