@@ -168,3 +168,24 @@ def test_digits_run_with_repa_and_the_tiny_encoder(tmp_path):
     assert all(r["repa_loss"] > 0 and r["loss"] > r["flow_loss"] for r in lines)
     with pytest.raises(ValueError, match="train.repa.encoder must name the encoder"):
         runs.repa_encoder(runconfig.load_run_config("digits", ["train.repa.align_layer=1"]).train, None)
+def test_streaming_data_section(tmp_path):
+    from PIL import Image
+
+    from pixeldit.data.stream import StreamBatches
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
+    folder = tmp_path / "imgs"
+    run = runconfig.load_run_config("digits", ["data.streaming=true", "data.resolution=8", "data.flip=true"], data=folder)
+    ds = runs.load_run_dataset(run)
+    assert isinstance(ds, StreamBatches) and ds.image_shape == (8, 8, 1)
+    cfg = runs.resolve_model_config(run.model, ds)
+    assert (cfg.kind, cfg.in_channels, cfg.num_classes) == ("c2i", 1, 2)
+    assert ds.get_batch(0, 4)["x"].shape == (4, 8, 8, 1)
+    ds.close()
+    with pytest.raises(runconfig.ConfigError, match=r"data.resolution, data.flip need\(s\) data.streaming = true"):
+        runconfig.load_run_config("digits", ["data.resolution=8", "data.flip=true"], data=folder)
+    with pytest.raises(runconfig.ConfigError, match="data.upsample do"):
+        runconfig.load_run_config("digits", ["data.streaming=true", "data.upsample='nearest'"], data=folder)

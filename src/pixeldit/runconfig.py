@@ -6,7 +6,9 @@ A *run config* is a TOML file with five sections (built-in ones ship in ``pixeld
               num_classes and theta_dim come from the data; theta models also take
               theta_encoding ("affine" or "none", see :class:`pixeldit.model.ThetaConfig`)
     [train]   pixeldit.training.TrainConfig fields
-    [data]    source ("digits", "grf", a .npz file or an image folder) and its options
+    [data]    source ("digits", "grf", a .npz file, an image folder, the reference's images.h5
+              folder or ImageNet parquet shards) and its options; streaming = true reads
+              the data lazily (pixeldit.data.stream)
     [sample]  sampling settings (also the preview grids written during training)
     [eval]    evaluation settings (unset sampling keys fall back to [sample])
 
@@ -121,11 +123,13 @@ def _thaw(v):
 
 
 # Options of each data source kind (besides "source" and "seed").
+STREAM_OPTIONS = ("streaming", "resolution", "flip", "on_corrupt", "workers")  # pixeldit.data.stream
 DATA_SOURCE_OPTIONS = {
     "digits": ("resolution", "upsample"),
     "grf": ("size", "prior_low", "prior_high"),
-    "npz": ("normalize",),
-    "folder": ("channels",),
+    "npz": ("normalize", "streaming", "workers"),
+    "folder": ("channels",) + STREAM_OPTIONS,
+    "stream": ("channels",) + STREAM_OPTIONS,  # images.h5 folders and parquet: read lazily only
 }
 
 
@@ -137,17 +141,22 @@ class DataSection(_Section):
     _types = {
         "source": "str", "seed": "int", "resolution": "int", "upsample": "str", "size": "int",
         "prior_low": "list", "prior_high": "list", "normalize": "str", "channels": "int",
+        "streaming": "bool", "flip": "bool", "on_corrupt": "str", "workers": "int",
     }
 
     source: str = "digits"  # "digits", "grf", a .npz file or an image folder
     seed: int = 0  # seed of the data stream (batch order, GRF draws)
-    resolution: int | None = None  # digits: image side (16; 32 also works)
+    resolution: int | None = None  # digits: image side (16; 32 also works); streamed images: ADM centre crop
     upsample: str | None = None  # digits: "bilinear" or "nearest"
     size: int | None = None  # grf: grid side N
     prior_low: tuple | None = None  # grf: lower bounds of (log_amplitude, slope)
     prior_high: tuple | None = None  # grf: upper bounds
     normalize: str | None = None  # npz: "none", "uint8" or "minmax"
     channels: int | None = None  # image folder: 1 or 3
+    streaming: bool | None = None  # read lazily with grain (always for images.h5 folders and parquet)
+    flip: bool | None = None  # streaming: random horizontal flip (the reference's c2i recipe: none)
+    on_corrupt: str | None = None  # streaming: "stop" (default) or "skip" unreadable images
+    workers: int | None = None  # streaming: decoding processes (default 0: threads only)
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,17 +168,34 @@ class DataSection(_Section):
                 f"data.{', data.'.join(bad)} do(es) not apply to data source {self.source!r} ({kind}); "
                 f"its options are: {', '.join(('seed',) + allowed)}"
             )
+        if kind == "stream" and self.streaming is False:
+            raise ConfigError(f"data source {self.source!r} is read by streaming only; drop data.streaming = false")
+        stream_only = [k for k in STREAM_OPTIONS[1:] if k in allowed and getattr(self, k) is not None]
+        if kind in ("folder", "npz") and stream_only and not self.streaming:
+            raise ConfigError(f"data.{', data.'.join(stream_only)} need(s) data.streaming = true")
 
     @property
     def source_kind(self) -> str:
         if self.source in ("digits", "grf"):
             return self.source
+        path = Path(self.source)
+        if path.suffix.lower() == ".parquet" or (path / "images.h5").is_file() or (
+            path.is_dir() and any(path.glob("*.parquet"))
+        ):
+            return "stream"
         return "npz" if self.source.lower().endswith(".npz") else "folder"
 
+    @property
+    def streams(self) -> bool:
+        """Whether the data is read lazily (:mod:`pixeldit.data.stream`)."""
+        return self.source_kind == "stream" or bool(self.streaming)
+
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`pixeldit.data.load_dataset`."""
+        """Keyword arguments for :func:`pixeldit.data.load_dataset`, or for
+        :func:`pixeldit.data.stream.open_stream` when :attr:`streams` (``workers`` excluded)."""
         keys = ("seed",) + DATA_SOURCE_OPTIONS[self.source_kind]
-        return {k: _thaw(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+        skip = ("streaming", "workers")
+        return {k: _thaw(getattr(self, k)) for k in keys if k not in skip and getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pixeldit.conditions import (
     value_range_for,
 )
 from pixeldit.data import load_dataset
+from pixeldit.data.stream import StreamBatches, host_shard, open_stream
 from pixeldit.encoders import build_encoder
 from pixeldit.evaluate import benchmarks, plot_sample_grid
 from pixeldit.evaluate.fid_eval import adm_export, fid_against_data
@@ -73,7 +74,11 @@ def load_run_dataset(run: RunConfig):
     (:func:`resolve_model_config`).
     """
     patch = run.model.get("patch_size")
-    ds = load_dataset(run.data.source, patch_size=patch, **run.data.options())
+    if run.data.streams:
+        stream = open_stream(run.data.source, patch_size=patch, **run.data.options())
+        ds = StreamBatches(stream, shard=host_shard(), workers=run.data.workers or 0)
+    else:
+        ds = load_dataset(run.data.source, patch_size=patch, **run.data.options())
     return ConstantLabelDataset(ds) if ds.condition == "none" else ds
 
 

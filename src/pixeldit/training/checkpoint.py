@@ -22,8 +22,9 @@ Layout of a run directory (``workdir`` given to :func:`pixeldit.training.train`)
           _CHECKPOINT_METADATA, commit_success.txt
 
 Checkpoints hold per-leaf trees, so they do not depend on the flat layout, its padding or the
-mesh they were written from.  The data stream is not stored: datasets are deterministic in
-``(seed, step)`` and the step in ``extra`` is the position.  A model-only checkpoint
+mesh they were written from.  In-memory datasets are deterministic in ``(seed, step)`` and the
+step in ``extra`` is their position; a streaming dataset's position is stored in ``meta`` as
+``data_state`` (:mod:`pixeldit.training.datastate`).  A model-only checkpoint
 (:func:`save_model_checkpoint`, e.g. a converted reference model) has no ``opt_state``.
 """
 

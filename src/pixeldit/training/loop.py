@@ -30,6 +30,7 @@ from pixeldit.training.checkpoint import (
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
 from pixeldit.training.loggers import MetricsLogger, open_logger
+from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
 from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
@@ -94,7 +95,8 @@ def train(
     checking that its model config, train settings and dataset description match
     (:func:`~pixeldit.training.checkpoint.check_compatible`; raises ``IncompatibleCheckpointError``
     listing each differing field).  Batch ``s`` (0-based) is ``dataset.get_batch(s, batch_size)``
-    and produces state step ``s + 1``, so resumed runs see the same data stream.
+    and produces state step ``s + 1``, so resumed runs see the same data stream (a streaming
+    dataset's position is kept in the checkpoints: :mod:`pixeldit.training.datastate`).
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
@@ -133,7 +135,7 @@ def train(
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
     with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset)
+        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         enc_graphdef, enc_state = _split_encoder(tc, encoder, mesh)
@@ -146,7 +148,7 @@ def train(
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
             step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype, encoder_graphdef=enc_graphdef)
-            put_batch = functools.partial(parallel.shard_batch, mesh=mesh)
+            put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=_process_local(dataset))
         if enc_graphdef is not None:
             step_fn = functools.partial(_with_encoder, step_fn, enc_state)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
@@ -157,7 +159,7 @@ def train(
                           stacklevel=2)
         final_step = int(jax.device_get(state.step))
         if final_step > start:
-            save_train_state(mngr, state, meta)
+            save_train_state(mngr, state, with_data_state(meta, dataset))
         wall = time.perf_counter() - t_start
         latest = mngr.latest_step()
         summary = {
@@ -206,14 +208,22 @@ def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
     return mesh, fsdp
 
 
-def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool):
-    """``(state, shardings)``: restored from the latest checkpoint (after the resume check) or fresh."""
+def _process_local(dataset) -> bool:
+    """Whether ``dataset`` serves only this host's rows (a stream sharded over hosts)."""
+    return bool(getattr(stream_of(dataset), "process_local", False))
+
+
+def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool, dataset):
+    """``(state, shardings)``: restored from the latest checkpoint (after the resume check, with a
+    streaming dataset put at the checkpoint's position) or fresh."""
     latest = mngr.latest_step()
     if latest is None:
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
-    check_compatible(read_meta(mngr, latest), meta, check_dataset=check_dataset)
+    saved = read_meta(mngr, latest)
+    check_compatible(saved, meta, check_dataset=check_dataset)
+    restore_data_state(dataset, saved, latest)
     pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
     abstract, shardings = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad), None
     if mesh is not None:  # read each device's slice straight into the target layout
@@ -259,7 +269,7 @@ class _Loop:
                 if do_log and self.is_main:
                     self.log(n, host)
                 if do_ckpt:
-                    save_train_state(self.mngr, state, self.meta)
+                    save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
                 if do_sample:
                     model = ema_model(state)
                     for cb in self.callbacks:
@@ -269,7 +279,7 @@ class _Loop:
                 self.check(*pending)
             return state
         except KeyboardInterrupt:
-            self.save_on_interrupt(state, pending)
+            self.save_on_interrupt(state, pending, dataset)
             raise
         finally:
             self.pbar.close()
@@ -308,11 +318,12 @@ class _Loop:
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending) -> None:
+    def save_on_interrupt(self, state, pending, dataset) -> None:
         try:
             if pending is not None:
                 self.check(*pending)
-            log.warning("interrupted: saved checkpoint at step %d", save_train_state(self.mngr, state, self.meta))
+            saved = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
+            log.warning("interrupted: saved checkpoint at step %d", saved)
         except NonFiniteLossError as e:
             log.error("interrupted after a non-finite step; not saving: %s", e)
         except Exception as e:  # e.g. state buffers already donated
