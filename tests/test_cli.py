@@ -206,6 +206,22 @@ def test_eval_digits_writes_metrics(digits_run, tmp_path):
     assert "accuracy >= 0.9" in r.output
 
 
+def test_eval_inception_reports_fid_and_caches_the_data_statistics(digits_run, tmp_path, monkeypatch):
+    # the FID Inception itself is tested in tests/fid; here a fixed feature map stands in for it
+    monkeypatch.setattr(runs, "load_fid_inception", lambda path: lambda x: x.reshape(x.shape[0], -1)[:, ::13])
+    args = ("eval", digits_run, "--set", "eval.samples_per_class=2", "--set", "eval.num_samples=6", "--no-progress",
+            "--inception", tmp_path / "pt_inception.pth", "--fid-stats", tmp_path / "stats.npz")
+    invoke(*args, "--out", tmp_path / "a")
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first["fid"] > 0 and first["fid_num_samples"] == 6 and first["fid_num_real"] == 1797
+    with np.load(tmp_path / "stats.npz") as f:
+        stats = dict(f)
+    np.savez(tmp_path / "stats.npz", **dict(stats, mu=stats["mu"] + 1.0))  # shifted: the cache must be what is read
+    invoke(*args, "--out", tmp_path / "b")
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert again["fid"] > first["fid"] + 1.0
+
+
 def test_info_prints_parameter_count(digits_run):
     from pixeldit.model import count_params, preset
 

@@ -139,3 +139,13 @@ def test_repa_table_in_train_config():
     assert T.TrainConfig.from_dict(tc.to_dict()) == tc
     with pytest.raises(ValueError, match="unknown REPA fields"):
         T.TrainConfig(repa={"layer": 2})
+
+
+@pytest.mark.slow
+def test_repa_on_a_device_mesh_matches_the_single_device_run(tmp_path):
+    tc = dataclasses.replace(TC, steps=2)
+    one = T.train(CFG, tc, Data(), tmp_path / "one", encoder=encoder(), progress=False)
+    mesh = T.train(CFG, dataclasses.replace(tc, mesh="data"), Data(), tmp_path / "mesh", encoder=encoder(), progress=False)
+    np.testing.assert_allclose(mesh.summary["losses"], one.summary["losses"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(mesh.state.repa["params"]), jax.tree.leaves(one.state.repa["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
