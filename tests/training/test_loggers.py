@@ -76,7 +76,7 @@ def test_wandb_offline_logs_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch
     logger.close()
     wandb.teardown()  # the wandb-core service writes the record file; stopping it flushes that file
     assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
-    # offline, the run is a record file to `wandb sync` later (no Python reader ships with wandb >= 0.2x):
+    # offline, the run is a record file to `wandb sync` later (wandb 0.31 ships no Python reader for it):
     # its history records hold the keys and JSON values, the grid goes to the run's media folder
     (records,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     data = records.read_bytes()
