@@ -128,6 +128,7 @@ def test_train_with_repa_logs_parts_resumes_and_leaves_the_encoder(tmp_path):
     for r in lines:
         assert r["loss"] == pytest.approx(r["flow_loss"] + 0.5 * r["repa_loss"], rel=1e-5)
     assert result.state.repa is not None and result.summary["start_step"] == 2
+    assert T.load_checkpoint(tmp_path).step == 3  # the model alone still loads (sampling, eval, export)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(enc), before)
     with pytest.raises(ValueError, match="no encoder was given"):
         T.train(CFG, dataclasses.replace(TC, steps=4), Data(), tmp_path, progress=False)
