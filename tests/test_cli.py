@@ -116,7 +116,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     wd = tmp_path / "interrupted"
     r = invoke("train", "digits", "--workdir", wd, *TINY, "--set", "train.checkpoint_every=100", ok=False)
     assert r.exit_code == 130
-    assert "interrupted: checkpoint at step 1" in r.output
+    assert "interrupted (SIGINT): checkpoint at step 1" in r.output
     assert (wd / "checkpoints" / "1").is_dir()
 
 

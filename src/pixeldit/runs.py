@@ -12,6 +12,7 @@ only parses arguments and prints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ from pixeldit.runconfig import (
     save_run_config,
 )
 from pixeldit.training import (
+    RESUME_OPTIMIZER_FIELDS,
     IncompatibleCheckpointError,
+    workdir_lock,
     latest_checkpoint_step,
     load_checkpoint,
     read_checkpoint_meta,
@@ -60,6 +63,8 @@ from pixeldit.training import (
 from pixeldit.training.loggers import MetricsLogger, open_logger
 
 __all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "sample_run", "train_run"]
+
+log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
@@ -170,8 +175,17 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     workdir = Path(workdir)
     dataset = load_run_dataset(run)
     model_config = resolve_model_config(run.model, dataset)
-    fresh = latest_checkpoint_step(workdir) is None
-    saved = {} if fresh else read_checkpoint_meta(workdir)
+    with workdir_lock(workdir):  # before run.json is written: a second run must not touch it
+        return _train_locked(run, workdir, dataset, model_config, progress, echo)
+
+
+def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress: bool, echo) -> dict[str, Any]:
+    latest = latest_checkpoint_step(workdir)
+    fresh = latest is None
+    if latest is not None and run.train.steps < latest:
+        raise ConfigError(f"train.steps={run.train.steps} is below the step of the latest checkpoint in '{workdir}' "
+                          f"({latest}); give train.steps >= {latest} to continue this run, or use a new --workdir")
+    saved = {} if fresh else read_checkpoint_meta(workdir, warn=False)  # train() reports a damaged one
     if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):
         # a theta run whose encoding is recorded beside the data: resume it in that layout
         dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])
@@ -190,8 +204,8 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
         raise
     finally:
         logger.close()
-        if not incompatible and not fresh:
-            save_run_config(run, workdir)  # settings a resumed run may change (steps, sample, eval)
+        if not incompatible and not fresh:  # settings a resumed run may change (steps, optimiser, sample, eval)
+            save_run_config(run, workdir, history=_resume_changes(saved, run))
     summary = {k: v for k, v in result.summary.items() if k != "losses"}
     summary.update(workdir=str(workdir), run_config=str(workdir / RUN_FILE), num_params=count_params(model_config),
                    dataset=dataset.metadata().get("name"), image_shape=list(dataset.image_shape))
@@ -199,13 +213,46 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     return summary
 
 
-def _image_shape(meta: Mapping[str, Any], sample: SampleSection) -> tuple[int, int]:
+def _resume_changes(saved: Mapping[str, Any], run: RunConfig) -> list[dict[str, Any]]:
+    """``run.json`` history entry of a resume that changed optimiser settings or steps (else none)."""
+    old, new = saved.get("train_config", {}), run.train.to_dict()
+    changed = {k: [old.get(k), new[k]] for k in sorted(RESUME_OPTIMIZER_FIELDS | {"steps"}) if old.get(k) != new[k]}
+    if not changed:
+        return []
+    return [{"resumed_at_step": saved.get("step"), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}]
+
+
+def _image_shape(meta: Mapping[str, Any], sample: SampleSection, patch_size: int) -> tuple[int, int]:
     if sample.image_size is not None:
+        if any(v % patch_size for v in sample.image_size):
+            raise ConfigError(f"--image-size (sample.image_size) {list(sample.image_size)}: both sides must be "
+                              f"multiples of the model's patch size {patch_size}")
         return tuple(int(v) for v in sample.image_size)
     shape = dataset_meta(meta).get("image_shape")
     if not shape:
         raise ConfigError("the checkpoint does not record an image size: pass --image-size H W (sample.image_size)")
     return int(shape[0]), int(shape[1])
+
+
+def check_condition_options(model_config, sample: SampleSection) -> None:
+    """Options that do not apply to the model's kind are errors; odd-but-valid ones a warning line
+    (negative guidance, theta outside the box the model's theta encoding was fitted to)."""
+    kind = model_config.kind
+    if sample.theta and kind != "theta":
+        raise ConfigError(f"--theta (sample.theta) applies to theta models; this is a {kind} model (use --labels)")
+    if sample.labels and kind != "c2i":
+        raise ConfigError(f"--labels (sample.labels) applies to class-conditional models; this is a {kind} model"
+                          + (" (use --theta)" if kind == "theta" else ""))
+    if sample.guidance < 0:
+        log.warning("guidance %g < 0 pushes samples away from the condition (1: no guidance)", sample.guidance)
+    center, scale = getattr(model_config, "theta_center", None), getattr(model_config, "theta_scale", None)
+    if sample.theta and center is not None and scale is not None:
+        rows = np.asarray(sample.theta, np.float64).reshape(-1, len(center))
+        far = np.abs(rows - np.asarray(center)) > np.asarray(scale)
+        if far.any():
+            lo, hi = np.asarray(center) - np.asarray(scale), np.asarray(center) + np.asarray(scale)
+            log.warning("theta %s lies outside the training box [%s, %s]: the model extrapolates there",
+                        rows[far.any(axis=1)][0].tolist(), lo.tolist(), hi.tolist())
 
 
 def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
@@ -226,6 +273,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
     model, model_config, meta = ckpt.model, ckpt.model_config, ckpt.meta
     dmeta = dataset_meta(meta)
+    check_condition_options(model_config, sample)
     if model_config.kind == "theta" and not sample.theta and dmeta.get("name") != "grf" and run is not None:
         _, data_theta = load_run_dataset(run).arrays()  # the training data's own thetas, cycled
         y = data_theta[np.arange(sample.num_samples) % len(data_theta)].astype(np.float32)
@@ -233,7 +281,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     else:
         y, y_null = make_conditions(model_config, dmeta, sample.num_samples, labels=sample.labels,
                                     theta=sample.theta, seed=sample.seed, condition_file=condition_file)
-    image_shape = _image_shape(meta, sample)
+    image_shape = _image_shape(meta, sample, model_config.patch_size)
     settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
 
     def draw(y, y_null, seed, progress=False):

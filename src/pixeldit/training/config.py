@@ -14,6 +14,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "RESUME_FREE_MODEL_FIELDS",
     "RESUME_FREE_TRAIN_FIELDS",
+    "RESUME_OPTIMIZER_FIELDS",
     "TrainConfig",
     "effective_model_config",
     "numerics_key",
@@ -26,6 +27,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 RESUME_FREE_TRAIN_FIELDS = frozenset(
     {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat", "mesh", "fsdp", "logger"}
 )
+#: Optimiser settings a resumed run may change, e.g. a lower ``lr`` after a divergence (they change
+#: the trajectory from the checkpoint on, not the state's structure; ``grad_clip`` may change
+#: between values but not to or from None, which adds or drops a transform of the optimiser).
+RESUME_OPTIMIZER_FIELDS = frozenset({"lr", "warmup_steps", "grad_clip", "ema_decay"})
 #: Model config fields that may change on resume (memory/compute trade-offs only).
 RESUME_FREE_MODEL_FIELDS = frozenset({"remat", "scan_unroll"})
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +27,8 @@ from pixeldit.training.checkpoint import (
     checkpoint_manager,
     describe_dataset,
     json_roundtrip,
+    newest_intact,
+    quiet_orbax,
     read_meta,
     restore_train_state,
     save_train_state,
@@ -31,7 +36,9 @@ from pixeldit.training.checkpoint import (
 from pixeldit.training.config import TrainConfig, effective_model_config
 from pixeldit.training.loggers import MetricsLogger, open_logger
 from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
-from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
+from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
+from pixeldit.training.lock import workdir_lock
+from pixeldit.training.metrics import append_metrics, atomic_write_text, move_metrics_aside, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
     abstract_train_state,
@@ -43,7 +50,7 @@ from pixeldit.training.step import prepare_batch, shared_sharded_train_step, sha
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "TrainResult", "train"]
 
 Callback = Callable[[int, nnx.Module], Any]
 
@@ -54,6 +61,51 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint at ``step``.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops here too; ``signum`` says which
+    signal came (the ``pixeldit`` command exits with ``128 + signum``: 130 or 143).
+    """
+
+    def __init__(self, signum: int, step: int | None):
+        saved = f"checkpoint saved at step {step}" if step is not None else "no checkpoint could be saved"
+        super().__init__(f"{signal.Signals(signum).name}: {saved}")
+        self.signum, self.step = signum, step
+
+
+class _Signals:
+    """While active (main thread only), SIGINT and SIGTERM set :attr:`received` instead of raising.
+
+    The loop checks it between steps: it finishes the step and any save under way, saves and
+    stops.  A second signal during that save only says to wait; exceptions raised inside orbax's
+    write would leave a half-written temporary directory and no checkpoint of this step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            log.warning("%s received: finishing this step, then saving a checkpoint and stopping", name)
+        else:
+            log.warning("%s received: still saving the checkpoint, please wait", name)
 
 
 @dataclasses.dataclass
@@ -100,8 +152,10 @@ def train(
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
-    good checkpoint stays the latest).  ``KeyboardInterrupt`` saves a checkpoint at the current
-    step, then re-raises.
+    good checkpoint stays the latest).  SIGINT (Ctrl-C) and SIGTERM (what schedulers send on
+    preemption) let the current step and any save under way finish, save a checkpoint and its
+    metrics record at that step, then raise :class:`Interrupted` (a ``KeyboardInterrupt``); a
+    ``KeyboardInterrupt`` raised otherwise (e.g. by the dataset) also saves, then re-raises.
 
     Args:
       model_config: model config (:class:`pixeldit.model.PixelDiTConfig`).
@@ -126,6 +180,9 @@ def train(
     :func:`pixeldit.parallel.shard_batch`.  Multi-host runs are started by
     :func:`pixeldit.parallel.initialize_distributed` (environment variables); only process 0
     writes ``config.json``, metrics and the progress bar.
+
+    One training process per workdir: a second one raises
+    :class:`~pixeldit.training.lock.WorkdirLockedError` naming the holder's PID and host.
     """
     t_start = time.perf_counter()
     tc, workdir = train_config, Path(workdir)
@@ -134,8 +191,20 @@ def train(
     meta = json_roundtrip({"model_config": cfg.to_dict(), "train_config": tc.to_dict(), "dataset": describe_dataset(dataset)})
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
-    with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
+    with workdir_lock(workdir) if is_main else contextlib.nullcontext():
+        return _train(cfg, tc, dataset, workdir, meta, (mesh, fsdp), callbacks, progress, check_dataset, model_fn,
+                      is_main, t_start, encoder=encoder, logger=logger)
+
+
+def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callbacks, progress: bool,
+           check_dataset: bool, model_fn, is_main: bool, t_start: float, *, encoder=None, logger=None) -> TrainResult:
+    """:func:`train` once the workdir lock is held."""
+    mesh, fsdp = mesh_fsdp
+    with quiet_orbax():  # orbax logs its own errors about a damaged checkpoint; _init_or_resume reports them
+        mngr = checkpoint_manager(workdir, keep=tc.keep_checkpoints)
+    with mngr:
+        with quiet_orbax():
+            state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         enc_graphdef, enc_state = _split_encoder(tc, encoder, mesh)
@@ -153,7 +222,8 @@ def train(
             step_fn = functools.partial(_with_encoder, step_fn, enc_state)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start, logger)
-        state = loop.run(state, step_fn, put_batch, dataset)
+        with _Signals() as signals:
+            state = loop.run(state, step_fn, put_batch, dataset, signals)
         if traces[0] - traces_before > 1:
             warnings.warn(f"the train step was traced {traces[0] - traces_before} times; check batch shapes/dtypes",
                           stacklevel=2)
@@ -214,24 +284,37 @@ def _process_local(dataset) -> bool:
 
 
 def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool, dataset):
-    """``(state, shardings)``: restored from the latest checkpoint (after the resume check, with a
-    streaming dataset put at the checkpoint's position) or fresh."""
-    latest = mngr.latest_step()
-    if latest is None:
+    """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check,
+    with a streaming dataset put at the checkpoint's position) or fresh.  Unreadable newer
+    checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
+    if mngr.latest_step() is None:
+        if jax.process_index() == 0 and (old := move_metrics_aside(mngr.directory.parent)) is not None:
+            log.warning("no checkpoint to resume from: starting at step 0; the old metrics are kept as %s", old)
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
-    saved = read_meta(mngr, latest)
-    check_compatible(saved, meta, check_dataset=check_dataset)
-    restore_data_state(dataset, saved, latest)
     pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
     abstract, shardings = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad), None
     if mesh is not None:  # read each device's slice straight into the target layout
         shardings = parallel.state_shardings(abstract, mesh, fsdp)
         abstract = parallel.with_shardings(abstract, shardings)
-    state = restore_train_state(mngr, latest, abstract)
+
+    def read(step):
+        saved = read_meta(mngr, step)
+        check_compatible(saved, meta, check_dataset=check_dataset)
+        return saved, restore_train_state(mngr, step, abstract)
+
+    workdir = Path(mngr.directory).parent
+    latest, (saved, state) = newest_intact(mngr, read, then=f"moved to {workdir / DAMAGED_SUBDIR}, resuming from an older one")
+    restore_data_state(dataset, saved, latest)
+    damaged = [s for s in mngr.all_steps() if s > latest]
+    if damaged and jax.process_index() == 0:
+        for s in damaged:
+            move_aside(mngr.directory, s)
+    if damaged:
+        mngr.reload()
     if jax.process_index() == 0:
-        truncate_metrics(Path(mngr.directory).parent, latest)
+        truncate_metrics(workdir, latest)
     log.info("resumed from %s at step %d", Path(mngr.directory) / str(latest), latest)
     return state, shardings
 
@@ -247,14 +330,17 @@ class _Loop:
         self.logger = logger if logger is not None else open_logger(tc.logger, workdir, meta) if is_main else MetricsLogger()
         self.callbacks = [] if callbacks is None else [callbacks] if callable(callbacks) else list(callbacks)
         self.losses: list[float] = []
+        self.last: tuple[int, dict[str, float]] | None = None  # the newest checked step and its metrics
         self.start, self.t0 = start, t_start  # t0: when train() began (the metrics' "time")
         self.log_t, self.log_step = time.perf_counter(), start
         self.pbar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True, desc="train")
 
-    def run(self, state, step_fn, put_batch, dataset):
+    def run(self, state, step_fn, put_batch, dataset, signals: _Signals):
         tc, pending = self.tc, None  # pending: (step, device metrics) not yet checked
         try:
             for s in range(self.start, tc.steps):
+                if signals.received is not None:
+                    break
                 state, metrics = step_fn(state, put_batch(dataset.get_batch(s, tc.batch_size)))
                 n = s + 1
                 if pending is not None:
@@ -277,7 +363,13 @@ class _Loop:
                     del model
             if pending is not None:
                 self.check(*pending)
+                pending = None
+            if signals.received is not None:
+                step = self.save_on_interrupt(state, None, dataset, quiet=True)
+                raise Interrupted(signals.received, step)
             return state
+        except Interrupted:
+            raise
         except KeyboardInterrupt:
             self.save_on_interrupt(state, pending, dataset)
             raise
@@ -298,6 +390,7 @@ class _Loop:
                 n,
             )
         self.losses.append(host["loss"])
+        self.last = (n, host)
         self.pbar.update(1)
         return host
 
@@ -318,13 +411,19 @@ class _Loop:
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending, dataset) -> None:
+    def save_on_interrupt(self, state, pending, dataset, quiet: bool = False) -> int | None:
+        """Save ``state`` (and its metrics record, if not logged yet); returns the step saved
+        (``quiet``: the caller reports it)."""
         try:
             if pending is not None:
                 self.check(*pending)
-            saved = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
-            log.warning("interrupted: saved checkpoint at step %d", saved)
+            if self.is_main and self.last is not None and self.last[0] != self.log_step:
+                self.log(*self.last)
+            step = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
+            (log.info if quiet else log.warning)("interrupted: saved checkpoint at step %d", step)
+            return step
         except NonFiniteLossError as e:
             log.error("interrupted after a non-finite step; not saving: %s", e)
         except Exception as e:  # e.g. state buffers already donated
             log.error("interrupted: could not save a checkpoint: %s", e)
+        return None
