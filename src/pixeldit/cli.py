@@ -176,8 +176,9 @@ def sample(
     condition: Optional[Path] = typer.Option(None, "--condition", help="t2i models: .npz with text-encoder tokens y (N, L, D) [and y_null]."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override \\[sample] keys: sample.key=value."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    adm_out: Optional[Path] = typer.Option(None, "--adm-out", help="Write ADM-evaluator .npz batches (uint8 NHWC) here; resumable."),
 ) -> None:
-    """Draw samples from a checkpoint: writes samples.png (grid) and samples.npz (arrays)."""
+    """Draw samples from a checkpoint: writes samples.png (grid) and samples.npz (arrays), or ADM batches."""
     from pixeldit import runs
 
     def go():
@@ -193,9 +194,13 @@ def sample(
         if image_size is not None:
             sets.append(f"sample.image_size={json.dumps(list(image_size))}")
         return runs.sample_run(workdir, out=out, step=step, ema=not raw, overrides=sets, condition_file=condition,
-                               progress=progress)
+                               progress=progress, adm_out=adm_out)
 
     res = _call(go)
+    if adm_out is not None:
+        typer.echo(f"{res['num_samples']} samples from step {res['step']}: {res['batches_drawn']} batches drawn, "
+                   f"{res['batches_skipped']} already there\nADM evaluator file: {res['adm_npz']}")
+        return
     typer.echo(f"{res['num_samples']} samples from step {res['step']} in {res['wall_time']:.1f} s\n"
                f"grid: {res['png']}\narrays: {res['npz']}")
 
@@ -208,11 +213,14 @@ def eval_(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override \\[eval] / \\[sample] keys, e.g. eval.samples_per_class=20."),
     raw: bool = typer.Option(False, "--raw", help="Evaluate the raw training weights instead of the EMA weights."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights (pt_inception-2015-12-05-*.pth): also report FID."),
+    fid_stats: Optional[Path] = typer.Option(None, "--fid-stats", help="Cache file of the training images' FID statistics."),
 ) -> None:
-    """Measure sample quality (digits: classifier accuracy and diversity; grf: power spectra) and plot it."""
+    """Measure sample quality (digits: classifier accuracy and diversity; grf: power spectra; FID with --inception)."""
     from pixeldit import runs
 
-    res = _call(lambda: runs.eval_run(workdir, out=out, step=step, overrides=set_, ema=not raw, progress=progress))
+    res = _call(lambda: runs.eval_run(workdir, out=out, step=step, overrides=set_, ema=not raw, progress=progress,
+                                      inception=inception, fid_stats=fid_stats))
     skip = {"per_theta", "accuracy_per_class", "diversity_per_class", "plots", "checks", "sampling"}
     _echo_json({k: v for k, v in res.items() if k not in skip})
     for name, ok in res.get("checks", {}).items():

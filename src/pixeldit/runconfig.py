@@ -342,17 +342,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=200)")
     lhs, raw = text.split("=", 1)
-    parts = lhs.strip().split(".")
+    parts = lhs.strip().split(".", 1)  # section.table.key reaches a table such as [train.repa]
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the name must be section.key with a section of {', '.join(SECTIONS)}")
     section, key = parts
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
-    raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
+        value = raw.strip()
     return section, key, value
 
 
@@ -462,7 +461,8 @@ def load_run_config(
         raw["data"] = {"source": str(data)} | ({"seed": seed} if seed is not None else {})
     for text in overrides:
         section, key, value = parse_override(text)
-        raw[section][key] = value
+        table, _, leaf = key.rpartition(".")  # "repa.encoder": key encoder of the table [train.repa]
+        (raw[section].setdefault(table, {}) if table else raw[section])[leaf] = value
     return build_run_config(name, raw)
 
 

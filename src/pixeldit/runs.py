@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from pixeldit.bench import forward_flops
@@ -33,7 +34,10 @@ from pixeldit.conditions import (
 )
 from pixeldit.data import load_dataset
 from pixeldit.data.stream import StreamBatches, host_shard, open_stream
+from pixeldit.encoders import build_encoder
 from pixeldit.evaluate import benchmarks, plot_sample_grid
+from pixeldit.evaluate.fid_eval import adm_export, fid_against_data
+from pixeldit.fid import load_fid_inception
 from pixeldit.model import CONFIG_KINDS, PRESETS, config_from_dict, count_params, preset
 from pixeldit.runconfig import (
     RUN_FILE,
@@ -56,6 +60,7 @@ from pixeldit.training import (
     read_checkpoint_meta,
     train,
 )
+from pixeldit.training.loggers import MetricsLogger, open_logger
 
 __all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "sample_run", "train_run"]
 
@@ -116,8 +121,10 @@ def resolve_model_config(model: Mapping[str, Any], dataset):
         raise ConfigError(f"[model]: {e}") from e
 
 
-def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo: Callable[[str], Any] | None = None):
-    """``cb(step, ema_model)`` writing ``workdir/samples/step_<step>.png``: EMA samples next to real data."""
+def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo: Callable[[str], Any] | None = None,
+                     logger: MetricsLogger | None = None):
+    """``cb(step, ema_model)`` writing ``workdir/samples/step_<step>.png``: EMA samples next to real data
+    (also sent to ``logger``, the run's TensorBoard / W&B logger, as image ``samples``)."""
     meta = dataset.metadata()
     s = run.sample
     n = s.preview_samples
@@ -137,10 +144,23 @@ def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo:
         path = plot_sample_grid(x, workdir / SAMPLES_DIR / f"step_{step:06d}.png", real=real,
                                 labels=labels_for_plot(model_config, y), real_labels=real_y, ncols=ncols,
                                 value_range=value_range_for(meta, run), class_names=getattr(dataset, "class_names", None))
+        if logger is not None:
+            logger.image(step, "samples", path)
         if echo is not None:
             echo(f"step {step}: sample grid {path}")
 
     return callback
+
+
+def repa_encoder(train_config, model_config):
+    """The frozen encoder ``train.repa.encoder`` names (None without REPA)."""
+    repa = train_config.repa
+    if repa is None:
+        return None
+    if repa.encoder is None:
+        raise ValueError('train.repa.encoder must name the encoder: "tiny" or a DINOv2 weights file (.pth / .safetensors)')
+    dtype = train_config.compute_dtype or model_config.dtype
+    return build_encoder(repa.encoder, dim=repa.encoder_dim, base_patch_size=model_config.patch_size, dtype=dtype)
 
 
 def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = True,
@@ -172,14 +192,18 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
         model_config = model_config.replace(theta_center=None, theta_scale=None)
     if fresh:
         save_run_config(run, workdir)
-    callbacks = [preview_callback(run, model_config, dataset, workdir, echo)] if run.train.sample_every else []
+    encoder = repa_encoder(run.train, model_config)
+    logger = open_logger(run.train.logger, workdir, run.to_dict()) if jax.process_index() == 0 else MetricsLogger()
+    callbacks = [preview_callback(run, model_config, dataset, workdir, echo, logger)] if run.train.sample_every else []
     incompatible = False
     try:
-        result = train(model_config, run.train, dataset, workdir, callbacks=callbacks, progress=progress)
+        result = train(model_config, run.train, dataset, workdir, callbacks=callbacks, progress=progress,
+                       encoder=encoder, logger=logger)
     except IncompatibleCheckpointError:
         incompatible = True
         raise
     finally:
+        logger.close()
         if not incompatible and not fresh:  # settings a resumed run may change (steps, optimiser, sample, eval)
             save_run_config(run, workdir, history=_resume_changes(saved, run))
     summary = {k: v for k, v in result.summary.items() if k != "losses"}
@@ -233,13 +257,15 @@ def check_condition_options(model_config, sample: SampleSection) -> None:
 
 def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
                ema: bool = True, overrides: Sequence[str] = (), condition_file: str | os.PathLike | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, adm_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draw samples from a workdir checkpoint (EMA weights by default).
 
     ``overrides`` are ``sample.key=value`` strings on top of the workdir's ``[sample]`` section.
     Writes ``<out>/samples.png`` (grid) and ``<out>/samples.npz`` (``x`` ``(N, H, W, C)``, the
     condition as ``y`` (labels) or ``theta``, and the settings as JSON in ``settings``);
-    ``out`` defaults to ``workdir/samples``.  Returns the paths and settings.
+    ``out`` defaults to ``workdir/samples``.  Returns the paths and settings.  With ``adm_out``
+    the samples go instead to ADM-evaluator batches in that folder, one per ``sample.batch_size``
+    (resumable: :func:`pixeldit.evaluate.fid_eval.adm_export`).
     """
     workdir = Path(workdir)
     run = read_run_config(workdir)
@@ -256,15 +282,24 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
         y, y_null = make_conditions(model_config, dmeta, sample.num_samples, labels=sample.labels,
                                     theta=sample.theta, seed=sample.seed, condition_file=condition_file)
     image_shape = _image_shape(meta, sample, model_config.patch_size)
+    settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
+
+    def draw(y, y_null, seed, progress=False):
+        return draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
+                            guidance=sample.guidance, guidance_interval=sample.guidance_interval,
+                            timeshift=sample.timeshift, seed=seed, batch_size=sample.batch_size, progress=progress,
+                            time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"))
+
     t0 = time.perf_counter()
-    x = draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
-                     guidance=sample.guidance, guidance_interval=sample.guidance_interval,
-                     timeshift=sample.timeshift, seed=sample.seed, batch_size=sample.batch_size, progress=progress,
-                     time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"))
+    if adm_out is not None:
+        res = adm_export(draw, y, y_null, adm_out, batch_size=sample.batch_size, seed=sample.seed,
+                         labels=model_config.kind == "c2i")
+        return dict(res, num_samples=len(y), step=int(meta["step"]), wall_time=time.perf_counter() - t0,
+                    settings=settings)
+    x = draw(y, y_null, sample.seed, progress)
     wall = time.perf_counter() - t0
     out = Path(out) if out is not None else workdir / SAMPLES_DIR
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
     arrays = {"x": x, "settings": np.asarray(json.dumps(settings))}
     if model_config.kind == "c2i":
         arrays["y"] = y
@@ -281,7 +316,8 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
 
 
 def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
-             overrides: Sequence[str] = (), ema: bool = True, progress: bool = True) -> dict[str, Any]:
+             overrides: Sequence[str] = (), ema: bool = True, progress: bool = True,
+             inception: str | os.PathLike | None = None, fid_stats: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a workdir checkpoint (EMA weights unless ``ema=False``); writes ``<out>/metrics.json`` and plots.
 
     ``out`` defaults to ``workdir/eval``.
@@ -289,7 +325,9 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
     What is measured on digits, GRFs and other data: :mod:`pixeldit.evaluate.benchmarks`.
 
     ``overrides``: ``eval.key=value`` / ``sample.key=value`` strings.  Returns the metrics dict
-    (also in the JSON), with a ``checks`` entry for the built-in benchmarks' targets.
+    (also in the JSON), with a ``checks`` entry for the built-in benchmarks' targets.  With
+    ``inception`` (the FID Inception weights file) image runs also get ``fid`` of ``eval.num_samples``
+    samples against the training images, whose statistics are cached in ``fid_stats`` if given.
     """
     workdir = Path(workdir)
     run = read_run_config(workdir)
@@ -320,10 +358,25 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
         result.update(benchmarks.evaluate_grf(model, model_config, dmeta, e, draw, out))
     else:
         result.update(benchmarks.evaluate_data(model, model_config, dmeta, load_run_dataset(run), run, s, e, draw, out))
+    if inception is not None:
+        result.update(_fid(model, model_config, dmeta, run, e, draw, inception, fid_stats))
     result["eval_wall_time"] = time.perf_counter() - t0
     result["metrics_json"] = str(out / "metrics.json")
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _fid(model, model_config, dmeta, run: RunConfig, e, draw: dict, inception, fid_stats) -> dict[str, Any]:
+    """FID of ``e.num_samples`` samples against the run's training images (image runs only)."""
+    if model_config.kind != "c2i":
+        raise ConfigError(f"FID needs an image run (class-conditional or unconditional images), not a {model_config.kind} run")
+    dataset = load_run_dataset(run)
+    real = dataset.arrays()[0] if hasattr(dataset, "arrays") else dataset.get_batch(0, e.num_samples)["x"]
+    y, y_null = make_conditions(model_config, dmeta, e.num_samples)
+    x = draw_samples(model, model_config, dmeta["image_shape"][:2], y, y_null, **draw)
+    fingerprint = {"dataset": dmeta, "inception": Path(inception).name}
+    return fid_against_data(x, real, load_fid_inception(inception), stats_cache=fid_stats, fingerprint=fingerprint,
+                            batch_size=draw["batch_size"])
 
 
 def _is_workdir(path: Path) -> bool:

@@ -44,6 +44,7 @@ from pixeldit.training.state import (
     create_sharded_train_state,
     create_train_state,
     ema_model,
+    projector_graphdef,
     train_model,
 )
 from pixeldit.training.step import (
@@ -91,6 +92,7 @@ __all__ = [
     "make_train_step",
     "make_train_step_fn",
     "prepare_batch",
+    "projector_graphdef",
     "read_checkpoint_meta",
     "read_metrics",
     "restore_sharded_train_state",

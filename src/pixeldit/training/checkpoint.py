@@ -18,6 +18,7 @@ Layout of a run directory (``workdir`` given to :func:`pixeldit.training.train`)
           ema_params/      # float32 EMA weights, same tree
           opt_state/       # optax state of chain(clip_by_global_norm, adamw), moments as same tree
           extra/           # {"step", "rng" (raw uint32 key data), "model_state"}
+          repa/            # REPA runs only: {"params", "opt_state"} of the alignment projector
           meta/            # JSON: model_config, train_config, dataset, step
           _CHECKPOINT_METADATA, commit_success.txt
 
@@ -155,7 +156,7 @@ def checkpoint_manager(workdir: str | os.PathLike, *, keep: int = 3, read_only: 
     )
     return ocp.CheckpointManager(
         directory,
-        item_names=("params", "ema_params", "opt_state", "extra", "meta"),
+        item_names=("params", "ema_params", "opt_state", "extra", "repa", "meta"),
         options=options,
     )
 
@@ -203,12 +204,15 @@ def checkpoint_items(state: TrainState) -> dict[str, Any]:
     def tree(flat):
         return _converter(state.layout, flat.sharding, True)(flat)
 
-    return {
+    items = {
         "params": tree(state.flat_params),
         "ema_params": tree(state.flat_ema),
         "opt_state": _map_flat(state.layout, tree, state.opt_state),
         "extra": _extra(state),
     }
+    if state.repa is not None:  # REPA runs: the projector and its AdamW state, an item of its own
+        items["repa"] = state.repa
+    return items
 
 
 def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mapping[str, Any]) -> int:
@@ -264,6 +268,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: 
             ema_params=ocp.args.StandardRestore(target(abstract_state.flat_ema)),
             opt_state=ocp.args.StandardRestore(_map_flat(layout, target, abstract_state.opt_state)),
             extra=ocp.args.StandardRestore(_extra(abstract_state)),
+            **({} if abstract_state.repa is None else {"repa": ocp.args.StandardRestore(abstract_state.repa)}),
         ),
     )
 
@@ -277,6 +282,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: 
         opt_state=_map_flat(layout, flat, abstract_state.opt_state, r.opt_state),
         rng=r.extra["rng"],
         model_state=r.extra["model_state"],
+        repa=None if abstract_state.repa is None else r.repa,
     )
 
 

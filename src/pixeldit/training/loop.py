@@ -34,6 +34,7 @@ from pixeldit.training.checkpoint import (
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
+from pixeldit.training.loggers import MetricsLogger, open_logger
 from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
 from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
 from pixeldit.training.lock import workdir_lock
@@ -137,6 +138,8 @@ def train(
     progress: bool = True,
     check_dataset: bool = True,
     model_fn: Callable[[], nnx.Module] | None = None,
+    encoder: nnx.Module | None = None,
+    logger: MetricsLogger | None = None,
 ) -> TrainResult:
     """Train (or resume training) until ``train_config.steps``; returns a :class:`TrainResult`.
 
@@ -166,6 +169,10 @@ def train(
       check_dataset: include the dataset description in the resume check.
       model_fn: optional zero-argument builder used instead of
         ``pixeldit.model.build_model(model_config, rngs=nnx.Rngs(seed))``.
+      encoder: the frozen REPA encoder (:class:`pixeldit.encoders.PatchEncoder` module), needed
+        when ``train_config.repa`` is set; its weights go to the step as an argument.
+      logger: where the logged metrics also go (:mod:`pixeldit.training.loggers`); the caller
+        closes it.  ``None``: ``train_config.logger``'s, opened and closed here.
 
     Sharding: with ``train_config.mesh`` set, the state is created (or restored, from a checkpoint
     of any layout) directly on that device mesh, data parallel or FSDP (``train_config.fsdp``),
@@ -186,11 +193,11 @@ def train(
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
     with workdir_lock(workdir) if is_main else contextlib.nullcontext():
         return _train(cfg, tc, dataset, workdir, meta, (mesh, fsdp), callbacks, progress, check_dataset, model_fn,
-                      is_main, t_start)
+                      is_main, t_start, encoder=encoder, logger=logger)
 
 
 def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callbacks, progress: bool,
-           check_dataset: bool, model_fn, is_main: bool, t_start: float) -> TrainResult:
+           check_dataset: bool, model_fn, is_main: bool, t_start: float, *, encoder=None, logger=None) -> TrainResult:
     """:func:`train` once the workdir lock is held."""
     mesh, fsdp = mesh_fsdp
     with quiet_orbax():  # orbax logs its own errors about a damaged checkpoint; _init_or_resume reports them
@@ -200,18 +207,21 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
             state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        enc_graphdef, enc_state = _split_encoder(tc, encoder, mesh)
         if mesh is None:
             # Commit every leaf to one explicit sharding so that fresh and restored states hit
             # the same compiled executable (uncommitted vs committed inputs compile separately).
             state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            step_fn, traces = shared_train_step(state.graphdef, tc, cfg.dtype)
+            step_fn, traces = shared_train_step(state.graphdef, tc, cfg.dtype, enc_graphdef)
             put_batch = prepare_batch
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
-            step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype)
+            step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype, encoder_graphdef=enc_graphdef)
             put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=_process_local(dataset))
+        if enc_graphdef is not None:
+            step_fn = functools.partial(_with_encoder, step_fn, enc_state)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
-        loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
+        loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start, logger)
         with _Signals() as signals:
             state = loop.run(state, step_fn, put_batch, dataset, signals)
         if traces[0] - traces_before > 1:
@@ -235,6 +245,21 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
             "traces": traces[0] - traces_before,
         }
     return TrainResult(state=state, summary=summary)
+
+
+def _split_encoder(tc: TrainConfig, encoder: nnx.Module | None, mesh) -> tuple[Any, Any]:
+    """``(graphdef, weights on the devices)`` of the frozen REPA encoder, ``(None, None)`` without REPA."""
+    if tc.repa is None:
+        return None, None
+    if encoder is None:
+        raise ValueError("train_config.repa is set but no encoder was given (train(..., encoder=...))")
+    graphdef, weights = nnx.split(encoder)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else parallel.replicated(mesh)
+    return graphdef, jax.device_put(weights, sharding)
+
+
+def _with_encoder(step_fn, encoder_state, state, batch):
+    return step_fn(state, batch, encoder_state)
 
 
 def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
@@ -299,8 +324,10 @@ class _Loop:
     host overlaps the device), logs metrics, saves checkpoints and calls the callbacks."""
 
     def __init__(self, mngr, meta, tc: TrainConfig, workdir: Path, callbacks, progress: bool, is_main: bool,
-                 start: int, t_start: float):
+                 start: int, t_start: float, logger: MetricsLogger | None = None):
         self.mngr, self.meta, self.tc, self.workdir, self.is_main = mngr, meta, tc, workdir, is_main
+        self.own_logger = logger is None  # opened here, closed at the end of run()
+        self.logger = logger if logger is not None else open_logger(tc.logger, workdir, meta) if is_main else MetricsLogger()
         self.callbacks = [] if callbacks is None else [callbacks] if callable(callbacks) else list(callbacks)
         self.losses: list[float] = []
         self.last: tuple[int, dict[str, float]] | None = None  # the newest checked step and its metrics
@@ -348,6 +375,8 @@ class _Loop:
             raise
         finally:
             self.pbar.close()
+            if self.own_logger:
+                self.logger.close()
 
     def check(self, n: int, metrics) -> dict[str, float]:
         """Metrics of step ``n`` on the host; raises :class:`NonFiniteLossError` on NaN/inf."""
@@ -367,15 +396,18 @@ class _Loop:
 
     def log(self, n: int, host: dict[str, float]) -> None:
         now = time.perf_counter()
-        append_metrics(self.workdir, {
+        record = {
             "step": n,
             "loss": host["loss"],
             "grad_norm": host["grad_norm"],
             "lr": host["lr"],
+            **{k: v for k, v in host.items() if k not in ("loss", "grad_norm", "lr")},  # loss parts (REPA)
             "steps_per_sec": (n - self.log_step) / max(now - self.log_t, 1e-9),
             "time": now - self.t0,
             "timestamp": time.time(),
-        })
+        }
+        append_metrics(self.workdir, record)
+        self.logger.scalars(n, {k: v for k, v in record.items() if k not in ("step", "time", "timestamp")})
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
