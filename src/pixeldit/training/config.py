@@ -43,9 +43,9 @@ class TrainConfig:
       adam_eps: AdamW epsilon.
       warmup_steps: linear warm-up length; lr at update ``i`` (0-based) is
         ``lr * min(1, (i + 1) / warmup_steps)``.
-      decay_steps: cosine decay of the lr to 0 over the last ``decay_steps`` of ``steps``: the
-        warm-up factor times ``(1 + cos(pi * u)) / 2``, ``u = clip((i - (steps - decay_steps)) /
-        decay_steps, 0, 1)``; 0 (default) keeps the lr constant after the warm-up.  With a decay,
+      decay_steps: cosine decay of the lr to 0 over the last ``n = min(decay_steps, steps)``
+        updates: the warm-up factor times ``(1 + cos(pi * u)) / 2``, ``u = clip((i - (steps - n))
+        / n, 0, 1)``; 0 (default) keeps the lr constant after the warm-up.  With a decay,
         ``steps`` is part of the schedule: a run resumed with other ``steps`` decays toward them.
       grad_clip: global-norm gradient clipping threshold; ``None`` disables.
       ema_decay: EMA decay, ``ema <- decay * ema + (1 - decay) * params`` after
@@ -113,8 +113,6 @@ class TrainConfig:
         for name in ("warmup_steps", "decay_steps", "sample_every", "seed"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
-        need(not isinstance(self.decay_steps, int) or not isinstance(self.steps, int) or self.decay_steps <= self.steps,
-             f"decay_steps must be <= steps ({self.steps!r}), got {self.decay_steps!r}")
         need(not isinstance(self.seed, int) or self.seed < 2**31, f"seed must be < 2**31, got {self.seed!r}")
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")

@@ -15,11 +15,11 @@ def lr_schedule(train_config: TrainConfig) -> optax.Schedule:
     """Linear warm-up to ``lr``, constant, then (``decay_steps > 0``) a cosine decay to 0 at ``steps``.
 
     ``lr * min(1, (count + 1) / warmup) * (1 + cos(pi * u)) / 2`` with
-    ``u = clip((count - (steps - decay_steps)) / decay_steps, 0, 1)`` (see
+    ``u = clip((count - (steps - n)) / n, 0, 1)``, ``n = min(decay_steps, steps)`` (see
     :class:`~pixeldit.training.config.TrainConfig`).
     """
     lr, warmup = float(train_config.lr), int(train_config.warmup_steps)
-    decay = int(train_config.decay_steps)
+    decay = min(int(train_config.decay_steps), int(train_config.steps))
     decay_start = int(train_config.steps) - decay
     if warmup <= 0 and decay <= 0:
         return optax.constant_schedule(lr)
