@@ -1,0 +1,231 @@
+"""Training, saving and loading of the amortised posterior model (:mod:`pixeldit.posterior_model`).
+
+Simulations are drawn on the fly from the built-in GRF simulator (:class:`pixeldit.data.grf.GRFDataset`,
+a fresh batch of ``(theta, field)`` pairs from the prior every step).  The loss has two terms:
+
+* the Gaussian stage's negative log-likelihood of ``u = standardize(theta)``,
+  ``1/2 |L^-1 (u - mu)|^2 + sum(log diag L)`` (a proper scoring rule: it fits the posterior's
+  mean and covariance);
+* flow matching on ``z_1 = L^-1 (u - mu)`` (held fixed by ``stop_gradient``, else the Gaussian
+  stage could shrink the flow's target instead of fitting the posterior): ``flow_samples`` pairs
+  ``(t, eps)`` per field, ``t ~ U[0, 1]``, ``z_t = t z_1 + (1 - t) eps``, target ``z_1 - eps``.
+  The encoder runs once per field, so extra flow samples are nearly free.
+
+Optimiser: AdamW with linear warm-up and a cosine decay, global-norm clipping, and an EMA of the
+weights, which is what :func:`train_posterior` returns and saves.  The EMA decay warms up
+(:func:`ema_decay_at`): a short run with a fixed 0.999 would keep ``0.999**steps`` of the random
+initial weights (18 % after 1,700 steps), which shrinks every posterior towards the prior centre.
+
+Checkpoint: one safetensors file, ``posterior.safetensors``, holding every weight under its
+``/``-joined module path and the model configuration as JSON metadata; written to a temporary
+file and renamed, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+from pixeldit.data.grf import GRFDataset
+from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
+
+CHECKPOINT_NAME = "posterior.safetensors"
+CHECKPOINT_FORMAT = "pixeldit-amortized-posterior-1"
+
+
+@dataclass(frozen=True)
+class PosteriorTrainConfig:
+    """Optimisation settings of :func:`train_posterior`."""
+
+    steps: int = 6000
+    batch_size: int = 64  # simulated fields per step
+    flow_samples: int = 16  # (t, eps) pairs per field for the flow-matching term
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    final_lr_fraction: float = 0.02  # the cosine decays to this fraction of the peak
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0  # seeds the simulations (GRFDataset seed) and the model / noise keys
+    max_seconds: float | None = None  # stop early after this much wall time (the schedule keeps `steps`)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "flow_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def ema_decay_at(step, decay: float):
+    """EMA decay used after optimiser step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def posterior_loss(
+    model: AmortizedPosterior, x: jax.Array, theta: jax.Array, key: jax.Array, flow_samples: int
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Gaussian-stage NLL + flow-matching loss for fields ``(B, H, W, C)`` and parameters ``(B, K)``."""
+    summary = model.encode(x)  # (B, S)
+    mu, chol = model.gaussian(summary)  # (B, K), (B, K, K)
+    r = standardize(theta.astype(jnp.float32), model.config) - mu  # (B, K)
+    w = jax.vmap(lambda c, rr: jax.scipy.linalg.solve_triangular(c, rr, lower=True))(chol, r)  # (B, K)
+    log_diag = jnp.log(jnp.diagonal(chol, axis1=1, axis2=2))  # (B, K)
+    nll = jnp.mean(0.5 * jnp.sum(w * w, axis=-1) + jnp.sum(log_diag, axis=-1))
+
+    b, k = w.shape
+    t_key, eps_key = jax.random.split(key)
+    z1 = jnp.broadcast_to(jax.lax.stop_gradient(w)[:, None, :], (b, flow_samples, k))  # (B, F, K)
+    eps = jax.random.normal(eps_key, z1.shape, jnp.float32)
+    t = jax.random.uniform(t_key, (b, flow_samples), jnp.float32)  # (B, F)
+    z_t = t[..., None] * z1 + (1.0 - t[..., None]) * eps
+    v = model.velocity(z_t, t, summary[:, None, :])  # (B, F, K)
+    fm = jnp.mean(jnp.sum((v - (z1 - eps)) ** 2, axis=-1))
+    return nll + fm, {"nll": nll, "flow": fm}
+
+
+def _optimizer(tc: PosteriorTrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.learning_rate, min(tc.warmup_steps, tc.steps // 2), tc.steps, tc.learning_rate * tc.final_lr_fraction
+    )
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), optax.adamw(schedule, weight_decay=tc.weight_decay))
+
+
+def _check_grf_config(config: PosteriorConfig) -> None:
+    if config.in_channels != 1 or config.theta_dim != 2:
+        raise ValueError(
+            f"the GRF simulator gives 1-channel fields and 2 parameters, got in_channels={config.in_channels} "
+            f"and {config.theta_dim} parameters"
+        )
+
+
+def train_posterior(
+    config: PosteriorConfig,
+    train_config: PosteriorTrainConfig = PosteriorTrainConfig(),
+    *,
+    workdir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 250,
+) -> tuple[AmortizedPosterior, dict]:
+    """Train on GRF simulations from the configuration's prior box; return the EMA model and a history.
+
+    With ``workdir`` the EMA model is saved there (:func:`save_posterior`) and the history is
+    written to ``workdir/history.json``.
+    """
+    _check_grf_config(config)
+    tc = train_config
+    data = GRFDataset(config.image_size, seed=tc.seed, prior_low=config.prior_low, prior_high=config.prior_high)
+    model = AmortizedPosterior(config, rngs=nnx.Rngs(tc.seed))
+    graphdef, params = nnx.split(model)
+    opt = _optimizer(tc)
+    opt_state = opt.init(params)
+    ema = jax.tree.map(jnp.copy, params)
+    decay = tc.ema_decay
+
+    @jax.jit
+    def train_step(params, opt_state, ema, x, theta, key, step):
+        def loss_fn(p):
+            return posterior_loss(nnx.merge(graphdef, p), x, theta, key, tc.flow_samples)
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        d = ema_decay_at(step, decay)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        return params, opt_state, ema, dict(parts, loss=loss)
+
+    key = jax.random.key(tc.seed + 1)
+    history = {"step": [], "loss": [], "nll": [], "flow": [], "seconds": []}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    running: dict[str, float] = {}
+    step = 0
+    for step in range(tc.steps):
+        batch = data.get_batch(step, tc.batch_size)
+        key, sub = jax.random.split(key)
+        params, opt_state, ema, parts = train_step(params, opt_state, ema, batch["x"], batch["y"], sub, jnp.float32(step))
+        for name, value in parts.items():
+            running[name] = running.get(name, 0.0) + float(value)
+        elapsed = time.perf_counter() - start
+        last = step + 1 == tc.steps or (tc.max_seconds is not None and elapsed >= tc.max_seconds)
+        if (step + 1) % log_every == 0 or last:
+            count = log_every if (step + 1) % log_every == 0 else (step + 1) % log_every
+            history["step"].append(step + 1)
+            history["seconds"].append(round(elapsed, 2))
+            for name in ("loss", "nll", "flow"):
+                history[name].append(running[name] / count)
+            running = {}
+            if log is not None:
+                log(f"step {step + 1}/{tc.steps}  loss {history['loss'][-1]:.4f}  nll {history['nll'][-1]:.4f}  "
+                    f"flow {history['flow'][-1]:.4f}  {elapsed:.0f}s")
+        if last:
+            break
+    history["steps_done"] = step + 1
+    history["train_seconds"] = round(time.perf_counter() - start, 2)
+    history["train_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads of this process
+    model = nnx.merge(graphdef, ema)
+    if workdir is not None:
+        save_posterior(model, workdir)
+        (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1))
+    return model, history
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_weights(model: AmortizedPosterior) -> dict[str, np.ndarray]:
+    flat = nnx.to_flat_state(nnx.state(model))
+    return {"/".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
+
+
+def save_posterior(model: AmortizedPosterior, workdir: str | os.PathLike) -> Path:
+    """Write ``workdir/posterior.safetensors`` atomically (temporary file, then rename)."""
+    path = Path(workdir) / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(model.config.to_dict())}
+    save_file(_flat_weights(model), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_posterior(workdir: str | os.PathLike) -> AmortizedPosterior:
+    """Load the model saved by :func:`save_posterior` (a run folder or the file itself)."""
+    path = Path(workdir)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"expected an amortised posterior checkpoint at {path}, found none")
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an amortised posterior checkpoint (format {meta.get('format')!r})")
+    config = PosteriorConfig.from_dict(json.loads(meta["config"]))
+    model = nnx.eval_shape(lambda: AmortizedPosterior(config, rngs=nnx.Rngs(0)))
+    weights = load_file(str(path))
+    flat = nnx.to_flat_state(nnx.state(model))
+    names = {"/".join(str(p) for p in k) for k, _ in flat}
+    if names != set(weights):
+        raise ValueError(f"{path}: weights do not match the model; missing {sorted(names - set(weights))[:5]}, "
+                         f"unexpected {sorted(set(weights) - names)[:5]}")
+    for key_path, var in flat:
+        name = "/".join(str(p) for p in key_path)
+        if tuple(weights[name].shape) != tuple(var.shape):
+            raise ValueError(f"{path}: {name} has shape {weights[name].shape}, the model expects {var.shape}")
+        var.set_value(jnp.asarray(weights[name]))
+    return model
