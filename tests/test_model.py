@@ -366,3 +366,37 @@ def test_model_classes():
     assert isinstance(build_model(TINY["c2i"], rngs=nnx.Rngs(0)), PixelDiT)
     assert isinstance(build_model(TINY["t2i"], rngs=nnx.Rngs(0)), PixelDiTT2I)
     assert isinstance(build_model(TINY["theta"], rngs=nnx.Rngs(0)), PixelDiTTheta)
+
+
+def test_theta_adaln_carries_theta_without_the_tokens():
+    """With the token path blind to theta (zero projection), the output depends on theta only through
+    the adaLN condition: constant without ``theta_adaln``, varying with it."""
+    x, t, theta = _inputs("theta")
+    other = theta + 0.5
+    for adaln in (False, True):
+        model = build_model(TINY["theta"].replace(theta_adaln=adaln), rngs=nnx.Rngs(0))
+        _randomise(model)
+        model.y_embedder.proj.kernel[...] = jnp.zeros_like(model.y_embedder.proj.kernel[...])
+        change = np.abs(np.asarray(model(x, t, theta)) - np.asarray(model(x, t, other))).max()
+        assert (change > 1e-4) if adaln else (change == 0.0), (adaln, change)
+
+
+def test_theta_adaln_parameters_and_null():
+    base, cfg = TINY["theta"], TINY["theta"].replace(theta_adaln=True)
+    d, k = cfg.hidden_size, cfg.theta_dim
+    assert count_params(cfg) - count_params(base) == (k * d + d) + (d * d + d)  # Linear(K->D), Linear(D->D)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    assert np.all(np.asarray(model(*_inputs("theta"))) == 0.0)  # still exactly zero at init
+    _randomise(model)
+    theta = jnp.array([[0.3, jnp.nan, -1.0]])
+    np.testing.assert_array_equal(model.theta_adaln(theta[..., None]), model.theta_adaln(jnp.array([[0.3, 0.0, -1.0]])[..., None]))
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_theta_token_table_init_std(std):
+    cfg = TINY["theta"].replace(hidden_size=256, num_groups=4, theta_dim=8, token_init_std=std)
+    table = np.asarray(build_model(cfg, rngs=nnx.Rngs(0)).y_embedder.pos_embedding[...])
+    assert table.shape == (1, 8, 256)
+    assert abs(table.std() / std - 1.0) < 0.1  # 2,048 draws: the sample std is within ~3% of std
+    with pytest.raises(ValueError, match="token_init_std must be >= 0"):
+        TINY["theta"].replace(token_init_std=-1.0)

@@ -128,7 +128,7 @@ def test_theta_run_with_the_encoding_beside_the_data_resumes_and_samples(tmp_pat
 
     tiny = ["model.hidden_size=16", "model.num_groups=2", "model.patch_depth=1", "model.pixel_depth=1",
             "model.pixel_hidden_size=4", "data.size=8", "train.batch_size=4", "train.sample_every=0",
-            "sample.steps=2", "sample.num_samples=2", "sample.batch_size=2"]
+            "sample.steps=2", "sample.num_samples=2", "sample.batch_size=2", "data.scale=1.0"]  # as trained then
     run = runconfig.load_run_config("grf", tiny + ["train.steps=2"])
     raw = runs.load_run_dataset(run)
     encoding = {"kind": "affine", "center": [0.0, 2.5], "scale": [1.0, 1.5]}

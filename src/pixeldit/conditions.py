@@ -2,8 +2,9 @@
 
 Used by sampling, previews and evaluation: :func:`make_conditions` builds ``(y, y_null)`` for a
 model, :func:`draw_samples` draws images for them, and the dataset wrappers present
-unconditional data as one class (:class:`ConstantLabelDataset`) and theta data in the encoding
-the theta model was trained with (:class:`ThetaEncodedDataset`, :func:`encode_theta`).
+unconditional data as one class (:class:`ConstantLabelDataset`), theta data in the encoding
+the theta model was trained with (:class:`ThetaEncodedDataset`, :func:`encode_theta`) and data
+in the units the model was trained in (:class:`ScaledDataset`, :func:`data_scale_of`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from pixeldit.sampling import REFERENCE_T2I_TIME, ReferenceT2ITime, sample_batch
 
 __all__ = [
     "ConstantLabelDataset",
+    "ScaledDataset",
     "ThetaEncodedDataset",
+    "auto_data_scale",
+    "data_scale_of",
     "dataset_meta",
     "default_test_theta",
     "default_theta",
@@ -116,6 +120,76 @@ def dataset_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return dict(meta.get("dataset") or {})
 
 
+class ScaledDataset:
+    """A dataset whose batches carry ``x / scale``: the units a model with a data scale trains in.
+
+    The scale is recorded in the metadata (``data_scale``, so in the checkpoint); samples return
+    to data units times it (:func:`draw_samples`, :func:`data_scale_of`).  Other attributes are
+    the wrapped dataset's.
+    """
+
+    def __init__(self, dataset, scale: float):
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"data scale must be a finite number > 0, got {scale!r}")
+        self.dataset = dataset
+        self.scale = float(scale)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (copy / pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def get_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
+        batch = dict(self.dataset.get_batch(step, batch_size))
+        batch["x"] = (np.asarray(batch["x"], np.float32) / np.float32(self.scale)).astype(np.float32)
+        return batch
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.dataset.metadata(), data_scale=self.scale)
+
+
+def grf_data_scale(prior_low: float, prior_high: float) -> float:
+    """The GRF prior's pixel std ``sqrt(E[exp(2 a)])`` for ``a ~ U[prior_low, prior_high]`` (exact).
+
+    Each field has pixel variance ``exp(2 a)`` and zero mean (:mod:`pixeldit.data.grf`), so the
+    global second moment is ``(exp(2 hi) - exp(2 lo)) / (2 (hi - lo))``: 1.347**2 for ``[-1, 1]``.
+    """
+    lo, hi = float(prior_low), float(prior_high)
+    if hi <= lo:
+        return float(np.exp(lo))
+    return float(np.sqrt((np.exp(2 * hi) - np.exp(2 * lo)) / (2 * (hi - lo))))
+
+
+def auto_data_scale(dataset) -> float:
+    """``data.scale = "auto"``: the data's global std.
+
+    GRF data: the exact prior value (:func:`grf_data_scale`).  Other in-memory data: the std of
+    all pixels of the training set (``dataset.arrays()``).  Streamed data has no such pass over
+    the set: give the scale as a number there.
+    """
+    meta = dataset.metadata()
+    if meta.get("name") == "grf":
+        return grf_data_scale(meta["prior_low"][0], meta["prior_high"][0])
+    if not callable(getattr(dataset, "arrays", None)):
+        raise ConfigError(f"data.scale = \"auto\" needs the whole training set in memory; the data "
+                          f"{meta.get('name', '?')!r} is streamed: give data.scale as a number")
+    x, _ = dataset.arrays()
+    std = float(np.std(np.asarray(x, np.float64)))
+    if not (np.isfinite(std) and std > 0):
+        raise ConfigError(f"data.scale = \"auto\": the training data's std is {std}; give data.scale as a number")
+    return std
+
+
+def data_scale_of(checkpoint_or_meta) -> float:
+    """The data scale of a trained model: its samples are model outputs times this.
+
+    Takes a :class:`pixeldit.training.Checkpoint` or its ``meta`` dict; checkpoints written
+    before data scales were recorded (or trained without one) give 1.
+    """
+    meta = getattr(checkpoint_or_meta, "meta", checkpoint_or_meta)
+    return float(dataset_meta(meta).get("data_scale", 1.0))
+
+
 def value_range_for(dataset_meta: Mapping[str, Any], run: RunConfig | None = None) -> tuple[float, float] | None:
     """Display range of images: [-1, 1] for image data; None (each image's min/max) for physical fields (grf, raw .npz)."""
     if dataset_meta.get("name") == "grf":
@@ -175,12 +249,13 @@ def make_conditions(model_config, dataset_meta: Mapping[str, Any], n: int, *, la
 def draw_samples(model, model_config, image_shape, y, y_null, *, method: str, steps: int, guidance: float,
                  guidance_interval=(0.0, 1.0), timeshift: float = 1.0, seed: int = 0, batch_size: int = 64,
                  progress: bool = False, time_convention: str | None = None,
-                 theta_encoding: Mapping[str, Any] | None = None) -> np.ndarray:
+                 theta_encoding: Mapping[str, Any] | None = None, data_scale: float = 1.0) -> np.ndarray:
     """Draw ``len(y)`` samples ``(N, H, W, C)`` with :func:`pixeldit.sampling.sample_batched`.
 
     ``y`` / ``y_null`` are labels or raw theta.  A theta model whose config carries its encoding
     takes raw theta; otherwise theta is encoded here with ``theta_encoding`` (the checkpoint's
-    dataset metadata, see :func:`encode_theta`).
+    dataset metadata, see :func:`encode_theta`).  Samples come back in data units: the model's
+    output times ``data_scale`` (:func:`data_scale_of`).
     """
     if time_convention == REFERENCE_T2I_TIME:
         model = ReferenceT2ITime(model)
@@ -188,13 +263,14 @@ def draw_samples(model, model_config, image_shape, y, y_null, *, method: str, st
         y, y_null = encode_theta(y, theta_encoding), encode_theta(y_null, theta_encoding)
     n = len(y)
     h, w = int(image_shape[0]), int(image_shape[1])
-    return sample_batched(
+    x = sample_batched(
         model, jax.random.key(seed), (n, h, w, model_config.in_channels), y,
         None if guidance == 1.0 else y_null,
         batch_size=min(batch_size, n), method=method, num_steps=steps, progress=progress,
         guidance=float(guidance), guidance_interval=tuple(float(v) for v in guidance_interval),
         timeshift=float(timeshift),
     )
+    return x if data_scale == 1.0 else (np.asarray(x) * np.float32(data_scale)).astype(np.float32)
 
 
 def labels_for_plot(model_config, y):

@@ -1,4 +1,4 @@
-"""Embedders: patch tokens, pixel tokens, class labels, theta tokens; patchify / unpatchify.
+"""Embedders: patch tokens, pixel tokens, class labels, theta tokens and theta's adaLN condition; patchify / unpatchify.
 
 Images are channel-last ``(B, H, W, C)``.  Patch features are *pixel-major* here,
 ``(i*p + j)*C + c``, where the reference's ``F.unfold`` is channel-major, ``c*p*p + i*p + j``;
@@ -155,8 +155,9 @@ class ThetaEmbedder(nnx.Module):
     normalises its text tokens).  Scalar components skip the norm on purpose: the RMSNorm of a
     projected scalar ``w * theta + b`` (``b`` zero at init) keeps only the sign of ``theta``, which
     would hide its magnitude from the model.  The token's identity is added as a learned
-    ``(1, K, D)`` table, a fixed 1D sincos table, or nothing.  A NaN component marks the null
-    condition (classifier-free guidance): the whole token is replaced by a learned null token.
+    ``(1, K, D)`` table (initialised ``normal(table_init_std)``), a fixed 1D sincos table, or
+    nothing.  A NaN component marks the null condition (classifier-free guidance): the whole
+    token is replaced by a learned null token.
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class ThetaEmbedder(nnx.Module):
         hidden_size: int,
         *,
         token_embedding: str = "learned",
+        table_init_std: float = 0.02,
         rngs: nnx.Rngs,
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
@@ -178,7 +180,8 @@ class ThetaEmbedder(nnx.Module):
         init = nnx.initializers.normal(stddev=0.02)
         self.null_token = nnx.Param(init(rngs.params(), (hidden_size,), param_dtype))
         if token_embedding == "learned":
-            self.pos_embedding = nnx.Param(init(rngs.params(), (1, num_tokens, hidden_size), param_dtype))
+            table_init = nnx.initializers.normal(stddev=table_init_std)
+            self.pos_embedding = nnx.Param(table_init(rngs.params(), (1, num_tokens, hidden_size), param_dtype))
         elif token_embedding == "sincos":
             table = _get_1d_sincos_pos_embed_from_grid(hidden_size, np.arange(num_tokens, dtype=np.float64))
             self.pos_embedding = Buffer(jnp.asarray(table[None], dtype=jnp.float32))
@@ -196,3 +199,24 @@ class ThetaEmbedder(nnx.Module):
         if self.pos_embedding is not None:
             tok = tok + self.pos_embedding[...].astype(tok.dtype)
         return tok
+
+
+class ThetaConditioner(nnx.Module):
+    """Theta ``(B, K, C)`` (encoded) -> ``(B, 1, D)``, added to the timestep embedding of the adaLN condition.
+
+    ``Linear(K -> D) -> SiLU -> Linear(D -> D)`` on the first channel of each component (the
+    standardised value of the affine encoding, or the raw scalar); a NaN (null) component enters
+    as 0.  Why: through joint attention alone, the conditioning of the early, noise-dominated
+    phase of sampling (where only theta tells the field's amplitude and slope) was learned
+    imprecisely; a global path as in the class-conditional model's ``c = t_emb + y_emb`` fixed it.
+    """
+
+    def __init__(self, num_tokens: int, hidden_size: int, *, rngs: nnx.Rngs, dtype: DTypeLike | None = None,
+                 param_dtype: DTypeLike = jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = nnx.Sequential(linear(num_tokens, hidden_size, **kw), jax.nn.silu, linear(hidden_size, hidden_size, **kw))
+
+    def __call__(self, theta: jax.Array) -> jax.Array:
+        z = theta[..., 0]  # (B, K): one value per component
+        z = jnp.where(jnp.isnan(z), 0.0, z)
+        return self.mlp(z)[:, None, :]  # (B, 1, D)

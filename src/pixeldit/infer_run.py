@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from pixeldit.conditions import dataset_meta
+from pixeldit.conditions import data_scale_of, dataset_meta
 from pixeldit.data import DataError, make_rng
 from pixeldit.data import grf
 from pixeldit.inference import (DIVERGENCES, Emulator, Posterior, emulator_log_likelihood, grid_posterior, log_prob,
@@ -63,8 +63,7 @@ def emulator_from_checkpoint(ckpt) -> Emulator:
     """
     dmeta = dataset_meta(ckpt.meta)
     encoding = dmeta.get("theta_encoding") if ckpt.model_config.theta_center is None else None
-    scale = ckpt.meta.get("data_scale", dmeta.get("data_scale", 1.0))
-    return Emulator(ckpt.model, theta_encoding=encoding, data_scale=float(scale if scale is not None else 1.0),
+    return Emulator(ckpt.model, theta_encoding=encoding, data_scale=data_scale_of(ckpt),
                     mean_mode="zero_mean" if dmeta.get("name") == "grf" else "full")
 
 

@@ -37,8 +37,11 @@ qkv/proj, MLPs, pixel embedder, theta proj)    (torch's default), bias zero     
 ``final_layer.linear``                         zero kernel and bias                           ``modules.FinalLayer``
 RMSNorm ``weight``                             ones                                           ``modules.RMSNorm``
 ``y_pos_embedding`` (t2i)                      ``normal(std=1)`` (``torch.randn``)            :class:`PixelDiTT2I`
-theta ``null_token``, ``pos_embedding``        ``normal(std=0.02)``; ``"sincos"``: a fixed    ``embedders.ThetaEmbedder``
-                                               table
+theta ``null_token``                           ``normal(std=0.02)``                           ``embedders.ThetaEmbedder``
+theta ``pos_embedding``                        ``normal(std=token_init_std)`` (0.02 unless    ``embedders.ThetaEmbedder``
+                                               set); ``"sincos"``: a fixed table
+theta ``theta_adaln.mlp`` (``theta_adaln``)    torch default kernel, bias zero (as every      ``embedders.ThetaConditioner``
+                                               ``Linear`` above)
 =============================================  =============================================  ==============================
 
 With zero adaLN and final layers a fresh c2i or theta model outputs exactly zero.
@@ -65,6 +68,7 @@ from pixeldit.embedders import (
     ClassEmbedder,
     PatchTokenEmbedder,
     PixelTokenEmbedder,
+    ThetaConditioner,
     ThetaEmbedder,
     encode_theta,
     unpatchify,
@@ -223,6 +227,10 @@ class ThetaConfig(PixelDiTConfig):
     (:func:`pixeldit.embedders.encode_theta`, which says why; ``theta_channels`` must be 2).
     ``pixeldit train`` sets them from the data (the prior box or the data's range maps to
     [-1, 1]); :meth:`with_encoding` sets them from Python.
+
+    ``theta_adaln`` adds theta to the adaLN condition too, ``c = silu(t_emb + MLP(theta))``
+    (:class:`pixeldit.embedders.ThetaConditioner`, which says why), beside the joint-attention
+    tokens; ``token_init_std`` is the init std of the learned token identity table.
     """
 
     kind: ClassVar[str] = "theta"
@@ -243,6 +251,8 @@ class ThetaConfig(PixelDiTConfig):
     token_embedding: str = "learned"  # token identity: "learned", "sincos" or "none"
     theta_center: tuple[float, ...] | None = None  # affine encoding: center per component
     theta_scale: tuple[float, ...] | None = None  # affine encoding: scale per component
+    token_init_std: float = 0.02  # init std of the "learned" token identity table
+    theta_adaln: bool = False  # theta also into the adaLN condition (ThetaConditioner)
 
     def __post_init__(self):
         super().__post_init__()
@@ -251,6 +261,8 @@ class ThetaConfig(PixelDiTConfig):
         if self.token_embedding not in THETA_TOKEN_EMBEDDINGS:
             raise ValueError(f"token_embedding must be one of {THETA_TOKEN_EMBEDDINGS}, got {self.token_embedding!r}")
         _check_heads("pixel_attn_hidden_size", self.pixel_attn_width, "pixel_num_groups", self.pixel_heads)
+        if not self.token_init_std >= 0:
+            raise ValueError(f"token_init_std must be >= 0, got {self.token_init_std!r}")
         if (self.theta_center is None) != (self.theta_scale is None):
             raise ValueError("theta_center and theta_scale go together: give both or neither")
         if self.theta_center is not None:
@@ -588,6 +600,10 @@ class PixelDiTT2I(_PixelDiTBase):
             jax.random.normal(rngs.params(), (1, cfg.txt_max_length, cfg.hidden_size), kw["param_dtype"])
         )
 
+    def _global_condition(self, y: jax.Array) -> jax.Array | None:
+        """A condition added to the timestep embedding of adaLN; the reference t2i has none."""
+        return None
+
     def _embed_condition(self, y: jax.Array) -> jax.Array:
         n = y.shape[1]
         return self.y_embedder(y) + self.y_pos_embedding[:, :n].astype(jnp.dtype(self.config.dtype))
@@ -623,7 +639,8 @@ class PixelDiTT2I(_PixelDiTBase):
         rope = rope_2d_angles(head_dim, h // p, w // p)  # (L, hd/2)
         rope_txt = rope_1d_angles(head_dim, n_txt, cfg.text_rope_theta) if cfg.use_text_rope else None
         t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
-        c = jax.nn.silu(t_emb)  # (B, 1, D): the condition tokens enter through joint attention only
+        g = self._global_condition(y)  # (B, 1, D) or None: t2i's tokens enter through joint attention only
+        c = jax.nn.silu(t_emb if g is None else t_emb + g)  # (B, 1, D)
         y_tok = self._embed_condition(y)  # (B, L_txt, D)
         patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C)
         s = self.s_embedder(patches)  # (B, L, D)
@@ -647,8 +664,13 @@ class PixelDiTTheta(PixelDiTT2I):
 
     def _init_condition_embedder(self, cfg: ThetaConfig, rngs: nnx.Rngs, kw: dict) -> None:
         self.y_embedder = ThetaEmbedder(
-            cfg.theta_dim, cfg.theta_channels, cfg.hidden_size, token_embedding=cfg.token_embedding, rngs=rngs, **kw
+            cfg.theta_dim, cfg.theta_channels, cfg.hidden_size, token_embedding=cfg.token_embedding,
+            table_init_std=cfg.token_init_std, rngs=rngs, **kw
         )
+        self.theta_adaln = ThetaConditioner(cfg.theta_dim, cfg.hidden_size, rngs=rngs, **kw) if cfg.theta_adaln else None
+
+    def _global_condition(self, y: jax.Array) -> jax.Array | None:
+        return None if self.theta_adaln is None else self.theta_adaln(y)
 
     def _embed_condition(self, y: jax.Array) -> jax.Array:
         return self.y_embedder(y)

@@ -8,7 +8,8 @@ A *run config* is a TOML file with five sections (built-in ones ship in ``pixeld
     [train]   pixeldit.training.TrainConfig fields
     [data]    source ("digits", "grf", a .npz file, an image folder, the reference's images.h5
               folder or ImageNet parquet shards) and its options; streaming = true reads
-              the data lazily (pixeldit.data.stream)
+              the data lazily (pixeldit.data.stream); scale = "auto" or a number trains on
+              x / scale (samples come back in data units)
     [sample]  sampling settings (also the preview grids written during training)
     [eval]    evaluation settings (unset sampling keys fall back to [sample])
 
@@ -70,6 +71,8 @@ class ConfigError(ValueError):
 
 
 def _type_ok(value: Any, kind: str) -> bool:
+    if "|" in kind:
+        return any(_type_ok(value, k) for k in kind.split("|"))
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "float":
@@ -162,7 +165,7 @@ class DataSection(_Section):
     _types = {
         "source": "str", "seed": "int", "resolution": "int", "upsample": "str", "size": "int",
         "prior_low": "list", "prior_high": "list", "normalize": "str", "channels": "int",
-        "streaming": "bool", "flip": "bool", "on_corrupt": "str", "workers": "int",
+        "streaming": "bool", "flip": "bool", "on_corrupt": "str", "workers": "int", "scale": "float|str",
     }
 
     source: str = "digits"  # "digits", "grf", a .npz file or an image folder
@@ -178,9 +181,18 @@ class DataSection(_Section):
     flip: bool | None = None  # streaming: random horizontal flip (the reference's c2i recipe: none)
     on_corrupt: str | None = None  # streaming: "stop" (default) or "skip" unreadable images
     workers: int | None = None  # streaming: decoding processes (default 0: threads only)
+    # The model trains on x / scale and samples come back times scale (recorded in the checkpoint):
+    # a number, or "auto" for the data's global std (pixeldit.conditions.auto_data_scale); none: 1.
+    scale: float | str | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.scale, str) and self.scale != "auto":
+            raise ConfigError(f"data.scale must be \"auto\" or a number > 0, got {self.scale!r}")
+        if isinstance(self.scale, (int, float)):
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                raise ConfigError(f"data.scale must be \"auto\" or a number > 0, got {self.scale!r}")
+            object.__setattr__(self, "scale", float(self.scale))
         kind = self.source_kind
         allowed = DATA_SOURCE_OPTIONS[kind]
         bad = [k for opts in DATA_SOURCE_OPTIONS.values() for k in opts if k not in allowed and getattr(self, k) is not None]

@@ -24,7 +24,10 @@ import numpy as np
 from pixeldit.bench import forward_flops
 from pixeldit.conditions import (
     ConstantLabelDataset,
+    ScaledDataset,
     ThetaEncodedDataset,
+    auto_data_scale,
+    data_scale_of,
     dataset_meta,
     draw_samples,
     labels_for_plot,
@@ -62,7 +65,8 @@ from pixeldit.training import (
 )
 from pixeldit.training.loggers import MetricsLogger, open_logger
 
-__all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "sample_run", "train_run"]
+__all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "run_data_scale", "sample_run",
+           "train_run"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,25 @@ def resolve_model_config(model: Mapping[str, Any], dataset):
         raise ConfigError(f"[model]: {e}") from e
 
 
+def run_data_scale(run: RunConfig, dataset, saved_meta: Mapping[str, Any]) -> float | None:
+    """The data scale a run trains with: ``data.scale`` (a number, or ``"auto"``: the one its
+    checkpoint recorded, else :func:`pixeldit.conditions.auto_data_scale`); ``None`` without one."""
+    spec = run.data.scale
+    if spec is None:
+        return None
+    if spec == "auto":
+        saved = dataset_meta(saved_meta).get("data_scale")
+        return float(saved) if saved is not None else auto_data_scale(dataset)
+    return float(spec)
+
+
+def _data_units(dataset):
+    """``dataset`` without the wrappers that change its batches for the model (encoding, scale)."""
+    while isinstance(dataset, (ThetaEncodedDataset, ScaledDataset)):
+        dataset = dataset.dataset
+    return dataset
+
+
 def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo: Callable[[str], Any] | None = None,
                      logger: MetricsLogger | None = None):
     """``cb(step, ema_model)`` writing ``workdir/samples/step_<step>.png``: EMA samples next to real data
@@ -128,7 +151,7 @@ def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo:
     meta = dataset.metadata()
     s = run.sample
     n = s.preview_samples
-    raw = dataset.dataset if isinstance(dataset, ThetaEncodedDataset) else dataset
+    raw = _data_units(dataset)
     real_batch = raw.get_batch(0, n)
     real, real_y = real_batch["x"], real_batch["y"]
     if model_config.kind == "theta" and not s.theta:  # generate at the thetas of the real fields shown
@@ -140,7 +163,8 @@ def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo:
     def callback(step: int, model) -> None:
         x = draw_samples(model, model_config, dataset.image_shape, y, y_null, method=s.method, steps=s.steps,
                          guidance=s.guidance, guidance_interval=s.guidance_interval, timeshift=s.timeshift,
-                         seed=s.seed, batch_size=s.batch_size, theta_encoding=meta.get("theta_encoding"))
+                         seed=s.seed, batch_size=s.batch_size, theta_encoding=meta.get("theta_encoding"),
+                         data_scale=float(meta.get("data_scale", 1.0)))
         path = plot_sample_grid(x, workdir / SAMPLES_DIR / f"step_{step:06d}.png", real=real,
                                 labels=labels_for_plot(model_config, y), real_labels=real_y, ncols=ncols,
                                 value_range=value_range_for(meta, run), class_names=getattr(dataset, "class_names", None))
@@ -168,7 +192,8 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     """Train ``run`` in ``workdir``, resuming from its latest checkpoint if there is one.
 
     Writes ``run.json``, the checkpoints and ``metrics.jsonl`` (:func:`pixeldit.training.train`), a
-    preview grid every ``train.sample_every`` steps and ``summary.json``.  Returns the summary
+    preview grid every ``train.sample_every`` steps and ``summary.json``.  With ``data.scale`` the
+    model trains on ``x / scale`` (:func:`run_data_scale`; recorded in the checkpoints).  Returns the summary
     (the train loop's, without per-step losses, plus ``workdir``, ``run_config``, ``num_params``).
     ``KeyboardInterrupt`` propagates after the train loop has saved a checkpoint.
     """
@@ -190,6 +215,9 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
         # a theta run whose encoding is recorded beside the data: resume it in that layout
         dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])
         model_config = model_config.replace(theta_center=None, theta_scale=None)
+    scale = run_data_scale(run, dataset, saved)
+    if scale is not None and scale != 1.0:  # no recorded scale reads as 1
+        dataset = ScaledDataset(dataset, scale)
     if fresh:
         save_run_config(run, workdir)
     encoder = repa_encoder(run.train, model_config)
@@ -288,7 +316,8 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
         return draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
                             guidance=sample.guidance, guidance_interval=sample.guidance_interval,
                             timeshift=sample.timeshift, seed=seed, batch_size=sample.batch_size, progress=progress,
-                            time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"))
+                            time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"),
+                            data_scale=data_scale_of(meta))
 
     t0 = time.perf_counter()
     if adm_out is not None:
@@ -345,11 +374,12 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
     out.mkdir(parents=True, exist_ok=True)
     draw = dict(method=method, steps=steps, guidance=guidance, guidance_interval=s.guidance_interval,
                 timeshift=s.timeshift, seed=e.seed, batch_size=batch_size, progress=progress,
-                theta_encoding=dmeta.get("theta_encoding"))
+                theta_encoding=dmeta.get("theta_encoding"), data_scale=data_scale_of(meta))
     result: dict[str, Any] = {
         "workdir": str(workdir), "step": int(meta["step"]), "ema": ema, "dataset": dmeta.get("name"),
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in draw.items()
-                     if k not in ("progress", "theta_encoding")},
+                     if k not in ("progress", "theta_encoding", "data_scale")},
+        "data_scale": draw["data_scale"],
     }
     t0 = time.perf_counter()
     if dmeta.get("name") == "digits":

@@ -25,7 +25,7 @@ __all__ = ["GRF_PRESET", "grf_emulator", "time_grid_posterior", "time_log_prob"]
 
 # The built-in `grf` run's model sizes (src/pixeldit/configs/grf.toml).
 GRF_PRESET = dict(hidden_size=64, num_groups=2, patch_depth=4, pixel_depth=1, pixel_hidden_size=16, patch_size=4,
-                  theta_dim=2, theta_channels=2)
+                  theta_dim=2, theta_channels=2, theta_adaln=True, token_init_std=1.0)
 
 
 def grf_emulator(seed: int = 0) -> Emulator:

@@ -49,6 +49,10 @@ class TrainConfig:
       adam_eps: AdamW epsilon.
       warmup_steps: linear warm-up length; lr at update ``i`` (0-based) is
         ``lr * min(1, (i + 1) / warmup_steps)``.
+      decay_steps: cosine decay of the lr to 0 over the last ``n = min(decay_steps, steps)``
+        updates: the warm-up factor times ``(1 + cos(pi * u)) / 2``, ``u = clip((i - (steps - n))
+        / n, 0, 1)``; 0 (default) keeps the lr constant after the warm-up.  With a decay,
+        ``steps`` is part of the schedule: a run resumed with other ``steps`` decays toward them.
       grad_clip: global-norm gradient clipping threshold; ``None`` disables.
       ema_decay: EMA decay, ``ema <- decay * ema + (1 - decay) * params`` after
         every step.
@@ -85,6 +89,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    decay_steps: int = 0
     grad_clip: float | None = 1.0
     ema_decay: float = 0.9999
     p_uncond: float = 0.1
@@ -125,7 +130,7 @@ class TrainConfig:
         for name in ("batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup_steps", "sample_every", "seed"):
+        for name in ("warmup_steps", "decay_steps", "sample_every", "seed"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an int >= 0, got {v!r}")
         need(not isinstance(self.seed, int) or self.seed < 2**31, f"seed must be < 2**31, got {self.seed!r}")
@@ -189,9 +194,12 @@ def numerics_key(train_config: TrainConfig, **extra_free) -> TrainConfig:
     """``train_config`` with the fields that do not affect the compiled step reset to defaults.
 
     Compiled steps and initialisers are cached under this key, so a run and its resumption in
-    one process share them.
+    one process share them.  ``steps`` stays in the key when the lr decays toward it
+    (``decay_steps > 0``): the compiled step's schedule reads it.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     free = {name: defaults[name] for name in RESUME_FREE_TRAIN_FIELDS}
+    if train_config.decay_steps > 0:
+        del free["steps"]
     free.update(extra_free)
     return dataclasses.replace(train_config, **free)

@@ -1,4 +1,4 @@
-"""The optimiser: global-norm clipping and AdamW with a linear warm-up."""
+"""The optimiser: global-norm clipping and AdamW with a linear warm-up and an optional cosine tail."""
 
 from __future__ import annotations
 
@@ -12,13 +12,25 @@ __all__ = ["clip_by_global_norm", "lr_schedule", "make_optimizer"]
 
 
 def lr_schedule(train_config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to ``lr`` then constant: ``lr * min(1, (count + 1) / warmup)``."""
+    """Linear warm-up to ``lr``, constant, then (``decay_steps > 0``) a cosine decay to 0 at ``steps``.
+
+    ``lr * min(1, (count + 1) / warmup) * (1 + cos(pi * u)) / 2`` with
+    ``u = clip((count - (steps - n)) / n, 0, 1)``, ``n = min(decay_steps, steps)`` (see
+    :class:`~pixeldit.training.config.TrainConfig`).
+    """
     lr, warmup = float(train_config.lr), int(train_config.warmup_steps)
-    if warmup <= 0:
+    decay = min(int(train_config.decay_steps), int(train_config.steps))
+    decay_start = int(train_config.steps) - decay
+    if warmup <= 0 and decay <= 0:
         return optax.constant_schedule(lr)
 
     def schedule(count):
-        return lr * jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / warmup)
+        count = jnp.asarray(count, jnp.float32)
+        factor = jnp.minimum(1.0, (count + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
+        if decay > 0:
+            u = jnp.clip((count - decay_start) / decay, 0.0, 1.0)
+            factor = factor * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
+        return lr * factor
 
     return schedule
 
