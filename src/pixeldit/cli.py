@@ -67,7 +67,7 @@ def _parse_rows(text: str) -> list[list[float]]:
 @app.command()
 def train(
     config: Optional[str] = typer.Argument(
-        None, help="Built-in run config (digits, grf), a .toml file, or omit to resume --workdir with its run.json."),
+        None, help="Built-in run config (digits, grf, grf-posterior), a .toml file, or omit to resume --workdir with its run.json."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     data: Optional[str] = typer.Option(
         None, "--data", help="Train on this data instead: an image folder (one subfolder per class, or none) or a .npz file."),
@@ -77,12 +77,15 @@ def train(
 ) -> None:
     """Train a model (resumes when WORKDIR already holds a checkpoint)."""
     from pixeldit import runs
+    from pixeldit.posterior_run import is_posterior_source
     from pixeldit.runconfig import ConfigError, load_run_config
     from pixeldit.training import latest_checkpoint_step
 
     def go():
         if config is None and workdir is None:
             raise ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
+        if is_posterior_source(config if config is not None else workdir):
+            return _train_posterior(config if config is not None else workdir, set_, data, workdir)
         run = load_run_config(config if config is not None else workdir, set_, data=data)
         wd = workdir if workdir is not None else Path("runs") / run.name
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
@@ -95,12 +98,34 @@ def train(
             raise typer.Exit(130) from None
 
     summary = _call(go)
+    if summary is None:  # a posterior run, reported by _train_posterior
+        return
     typer.echo(
         f"done: step {summary['step']} ({summary['steps_run']} this run) in {summary['wall_time']:.1f} s, "
         f"{summary['steps_per_sec']:.2f} steps/s, final loss {summary['final_loss']}, "
         f"{summary['num_params']:,} parameters\n"
         f"checkpoint: {summary['checkpoint_path']}\nmetrics: {Path(summary['workdir']) / 'metrics.jsonl'}"
     )
+
+
+def _train_posterior(source: Any, set_: list[str], data: Optional[str], workdir: Optional[Path]) -> None:
+    """`pixeldit train` of an amortised posterior run config (``model.kind = "posterior"``)."""
+    from pixeldit.posterior_run import load_posterior_run, train_posterior_run
+    from pixeldit.runconfig import ConfigError
+
+    if data is not None:
+        raise ConfigError("--data does not apply to an amortised posterior run: it simulates GRF fields on the fly")
+    run = load_posterior_run(source, set_)
+    wd = workdir if workdir is not None else Path("runs") / run.name
+    typer.echo(f"run {run.name!r}: amortised posterior on simulated GRF fields, {run.train.steps} steps, workdir {wd}")
+    try:
+        s = train_posterior_run(run, wd, echo=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: nothing saved (the posterior is saved at the end of training); "
+                   "run the same command again to start over", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"done: {s['steps_done']} steps in {s['train_seconds']:.1f} s, final nll {s['final_nll']:.4f}, "
+               f"flow loss {s['final_flow']:.4f}\ncheckpoint: {s['checkpoint_path']}")
 
 
 @app.command()

@@ -371,6 +371,9 @@ def model_fields(kind: str) -> list[str]:
 
 def _check_model_keys(model: Mapping[str, Any]) -> None:
     kind = model.get("kind", "auto")
+    if kind == "posterior":  # pixeldit.posterior_run reads these configs
+        raise ConfigError("this is an amortised posterior run (model.kind = 'posterior'): `pixeldit train` trains it "
+                          "and `pixeldit.posterior_training.load_posterior` loads it; it has no images to sample or evaluate")
     if kind not in MODEL_KINDS:
         raise ConfigError(
             f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r} "
