@@ -3,7 +3,7 @@
     PYTHONPATH=src python scripts/infer_check.py RUN_DIR [--train-steps N] [--fields 50]
         [--posterior-fields 20] [--divergence hutchinson --probes 4] [--out check.json]
 
-Loads the run's latest EMA checkpoint (training it first with the built-in `grf` config and
+Loads the run's latest checkpoint (EMA weights unless --no-ema) (training it first with the built-in `grf` config and
 ``train.steps = N`` when RUN_DIR has none and --train-steps is given), simulates held-out
 fields (a seed the training stream never uses), and reports:
 
@@ -32,8 +32,8 @@ from pixeldit.runs import load_run_config, train_run
 HELD_OUT_SEED = 20_261_202  # not a training stream seed (those are SeedSequence([seed, step]))
 
 
-def load_emulator(workdir: Path) -> tuple[Emulator, dict]:
-    model, _, _ = T.load_checkpoint(workdir)
+def load_emulator(workdir: Path, ema: bool = True) -> tuple[Emulator, dict]:
+    model, _, _ = T.load_checkpoint(workdir, ema=ema)
     data = T.read_checkpoint_meta(workdir).get("dataset") or {}
     if data.get("name") != "grf":
         raise SystemExit(f"error: {workdir} is not a grf run (dataset {data.get('name')!r})")
@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--divergence", default="hutchinson", choices=["exact", "hutchinson"])
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--noise-fields", type=int, default=4, help="fields for the Hutchinson noise of differences")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights (a short run's EMA still holds the init)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
 
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
         if a.train_steps is None:
             raise SystemExit(f"error: no checkpoints in {a.workdir}; pass --train-steps to train one")
         train_run(load_run_config("grf", [f"train.steps={a.train_steps}"]), a.workdir, progress=False)
-    emu, data = load_emulator(a.workdir)
+    emu, data = load_emulator(a.workdir, ema=not a.no_ema)
     size = int(data["image_shape"][0])
     low, high = data.get("prior_low", grf.PRIOR_LOW), data.get("prior_high", grf.PRIOR_HIGH)
     rng = np.random.default_rng(HELD_OUT_SEED)
@@ -102,9 +103,11 @@ def main(argv=None) -> dict:
           f"median |mean - exact| = {np.median(scores['mean_z']):.2f} exact std, std ratio median "
           f"{np.median(scores['std_ratio']):.2f}; {np.median(secs):.1f} s per field (median)")
     result = {
-        "workdir": str(a.workdir), "divergence": a.divergence, "probes": a.probes if a.divergence == "hutchinson" else None,
-        "fields": a.fields, "mean_r": corr["mean_r"], "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
-        "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(), "fraction_ok_all": scores["fraction_ok_all"],
+        "workdir": str(a.workdir), "divergence": a.divergence,
+        "probes": a.probes if a.divergence == "hutchinson" else None, "fields": a.fields, "mean_r": corr["mean_r"],
+        "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
+        "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(),
+        "fraction_ok_all": scores["fraction_ok_all"],
         "mean_z": scores["mean_z"].tolist(), "std_ratio": scores["std_ratio"].tolist(),
         "posterior_seconds": secs, "passed_likelihood": corr["mean_r"] >= 0.99, "passed_posterior": scores["passed"],
     }

@@ -15,10 +15,14 @@ from pixeldit.convert import (
     from_reference_file,
     load_reference_state_dict,
     read_checkpoint_file,
+    reference_train_state,
     save_reference_safetensors,
     to_reference_state_dict,
+    train_state_to_reference,
 )
-from pixeldit.model import ThetaConfig, build_model
+from pixeldit.model import C2IConfig, T2IConfig, ThetaConfig, build_model
+from pixeldit.repa import REPAConfig, REPAProjector, projector_to_reference
+from pixeldit.training import TrainConfig, ema_model, train_model
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +159,53 @@ def test_file_errors(tmp_path):
     (tmp_path / "w.onnx").write_bytes(b"x")
     with pytest.raises(ValueError, match="unsupported checkpoint type '.onnx'"):
         read_checkpoint_file(tmp_path / "w.onnx")
+
+
+# --- reference training checkpoints with a REPA projector --------------------------------------
+
+
+def _train_config(style):
+    return TrainConfig(batch_size=2, repa=REPAConfig(style=style, align_layer=1, hidden_dim=24, encoder_dim=16))
+
+
+def _projector(style, model_dim, seed):
+    return projector_to_reference(REPAProjector(model_dim, 24, 16, rngs=nnx.Rngs(seed)), style)
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_reference_training_checkpoint_with_projector_round_trip(kind):
+    small = dict(in_channels=3, patch_size=4, hidden_size=32, num_groups=2, patch_depth=2, pixel_depth=1, pixel_hidden_size=8)
+    cfg = C2IConfig(**small, num_classes=10) if kind == "c2i" else T2IConfig(**small, txt_embed_dim=8, txt_max_length=4)
+    raw_model, ema = (to_reference_state_dict(build_model(cfg, rngs=nnx.Rngs(s))) for s in (1, 2))
+    proj = _projector(kind, 32, 3)
+    if kind == "c2i":  # a Lightning checkpoint: raw and EMA weights, the projector under diffusion_trainer.proj.0
+        sd = {**{f"denoiser.{k}": v for k, v in raw_model.items()}, **{f"ema_denoiser.{k}": v for k, v in ema.items()}, **proj}
+        raw = {"state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}, "global_step": 7}
+        assert any(k.startswith("diffusion_trainer.proj.0.0.") for k in sd)
+    else:  # the t2i trainer's layout: model keys and _repa_projector.*
+        sd = raw = {**raw_model, **proj}
+        assert any(k.startswith("_repa_projector.4.") for k in sd)
+    state = reference_train_state(raw, cfg, _train_config(kind))
+    np.testing.assert_array_equal(to_reference_state_dict(train_model(state))["final_layer.linear.weight"],
+                                  raw_model["final_layer.linear.weight"])
+    np.testing.assert_array_equal(to_reference_state_dict(ema_model(state))["final_layer.linear.weight"],
+                                  (ema if kind == "c2i" else raw_model)["final_layer.linear.weight"])
+    assert int(state.step) == (7 if kind == "c2i" else 0)
+    back = train_state_to_reference(state, kind)
+    assert sorted(back) == sorted(sd)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_reference_training_checkpoint_errors():
+    cfg = C2IConfig(in_channels=3, patch_size=4, hidden_size=32, num_groups=2, patch_depth=2, pixel_depth=1,
+                    pixel_hidden_size=8, num_classes=10)
+    model = {f"denoiser.{k}": v for k, v in to_reference_state_dict(build_model(cfg, rngs=nnx.Rngs(1))).items()}
+    with pytest.raises(ConversionError, match="has no REPA projector but train_config.repa is set"):
+        reference_train_state(model, cfg, _train_config("c2i"))
+    with pytest.raises(ConversionError, match="has a REPA projector but train_config.repa is None"):
+        reference_train_state({**model, **_projector("c2i", 32, 0)}, cfg, TrainConfig())
+    with pytest.raises(ConversionError, match="t2i-style, train_config.repa.style is c2i"):
+        reference_train_state({**model, **_projector("t2i", 32, 0)}, cfg, _train_config("c2i"))
+    with pytest.raises(ConversionError, match="REPA projector: .*0.weight"):
+        reference_train_state({**model, **_projector("c2i", 48, 0)}, cfg, _train_config("c2i"))

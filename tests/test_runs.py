@@ -1,4 +1,4 @@
-"""Run configs, data/model resolution and the theta encoding of :mod:`pixeldit.runs` (no training)."""
+"""Run configs, data/model resolution and the theta encoding of :mod:`pixeldit.runs`, and one tiny REPA run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from flax import nnx
 
 from pixeldit import conditions, runconfig, runs
 from pixeldit.embedders import ThetaEmbedder, encode_theta
+from pixeldit.model import C2IConfig, preset
+from pixeldit.repa import REPAConfig
 
 
 def test_builtin_configs_resolve_against_their_data():
@@ -142,6 +144,30 @@ def test_theta_run_with_the_encoding_beside_the_data_resumes_and_samples(tmp_pat
     assert out["num_samples"] == 2
 
 
+def test_paper_recipe_config_is_the_reference_yaml():
+    run = runconfig.load_run_config("imagenet256-xl16", ["train.repa.encoder=/weights/dinov2.pth"])
+    fields = {k: v for k, v in run.model.items() if k != "kind"}
+    assert C2IConfig(**fields) == preset("XL/16")
+    tc = run.train
+    assert (tc.batch_size, tc.steps, tc.lr, tc.ema_decay, tc.grad_clip) == (256, 1_600_000, 1e-4, 0.9999, 1.0)
+    assert (tc.time_distribution, tc.time_shift, tc.compute_dtype, tc.p_uncond) == ("logit_normal", 1.0, "bfloat16", 0.1)
+    assert tc.repa == REPAConfig(align_layer=8, loss_weight=0.5, hidden_dim=1152, encoder_dim=768,
+                                 encoder="/weights/dinov2.pth")
+    s = run.sample
+    assert (s.method, s.steps, s.guidance, s.guidance_interval, s.timeshift) == ("flow_dpm", 100, 3.25, (0.1, 1.0), 1.0)
+    assert run.eval.samples_per_class * 1000 == 50_000
+
+
+@pytest.mark.slow
+def test_digits_run_with_repa_and_the_tiny_encoder(tmp_path):
+    sets = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "model.hidden_size=32",
+            "model.patch_depth=2", "train.repa.encoder=tiny", "train.repa.align_layer=1", "train.repa.encoder_dim=16"]
+    summary = runs.train_run(runconfig.load_run_config("digits", sets), tmp_path, progress=False)
+    assert summary["step"] == 2
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["repa_loss"] > 0 and r["loss"] > r["flow_loss"] for r in lines)
+    with pytest.raises(ValueError, match="train.repa.encoder must name the encoder"):
+        runs.repa_encoder(runconfig.load_run_config("digits", ["train.repa.align_layer=1"]).train, None)
 def test_streaming_data_section(tmp_path):
     from PIL import Image
 

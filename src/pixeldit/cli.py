@@ -2,13 +2,18 @@
 
 Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``, ``env``.  Each parses its arguments,
 calls one library function and prints the result; errors in configs, data or checkpoints are
-printed as one ``error:`` line (exit code 1), Ctrl-C during training exits with 130 after the
-train loop has saved a checkpoint.  More subcommands register on :data:`app`.
+printed as one ``error:`` line (exit code 1).  Ctrl-C (SIGINT) or SIGTERM during training lets
+the step and any save under way finish, saves a checkpoint and exits with 130 or 143 (128 plus
+the signal number, as a shell reports a process killed by it, so schedulers see the job did not
+finish; rerunning resumes).  More subcommands register on :data:`app`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,31 +29,52 @@ app = typer.Typer(
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(debug: bool = typer.Option(
+        False, "--debug", help="Show the Python traceback of an error (also: PIXELDIT_DEBUG=1).")) -> None:
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's per-open notices about read-only managers
+    if debug:
+        os.environ["PIXELDIT_DEBUG"] = "1"
 
 
 SET_HELP = "Override a config value: section.key=value (value read as TOML), e.g. --set train.steps=200. Repeatable."
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported as a one-line error instead of a traceback."""
+    """Exceptions that are user errors: reported as their one-line message."""
     from pixeldit.convert import ConversionError
     from pixeldit.data import DataError
     from pixeldit.runconfig import ConfigError
-    from pixeldit.training import IncompatibleCheckpointError, NonFiniteLossError
+    from pixeldit.training import IncompatibleCheckpointError, NonFiniteLossError, WorkdirLockedError
 
     return (ConfigError, DataError, ConversionError, IncompatibleCheckpointError, NonFiniteLossError,
-            FileNotFoundError, ImportError)
+            WorkdirLockedError, ValueError, ImportError)
+
+
+def _message(e: BaseException) -> str:
+    """The one line printed for ``e``."""
+    if isinstance(e, OSError) and e.strerror:  # e.g. a read-only workdir, a full disk, a missing file
+        where = f": '{e.filename}'" if e.filename else ""
+        return f"{e.strerror}{where}" + (f" -> '{e.filename2}'" if e.filename2 else "")
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    text = "; ".join(ln.strip() for ln in lines) if lines else type(e).__name__
+    if not isinstance(e, _errors() + (OSError,)):
+        text = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)"
+    return text
 
 
 def _call(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; an exception becomes one ``error:`` line on stderr and exit code 1, unless
+    ``--debug`` / ``PIXELDIT_DEBUG=1`` asks for the traceback."""
     try:
         return fn()
-    except _errors() as e:
-        typer.echo(f"error: {e}", err=True)
+    except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if os.environ.get("PIXELDIT_DEBUG", "") not in ("", "0"):
+            raise
+        typer.echo(f"error: {_message(e)}", err=True)
         raise typer.Exit(1) from None
 
 
@@ -56,12 +82,37 @@ def _echo_json(d: Any) -> None:
     typer.echo(json.dumps(d, indent=2))
 
 
+def _bad(message: str) -> Exception:
+    from pixeldit.runconfig import ConfigError
+
+    return ConfigError(message)
+
+
 def _parse_rows(text: str) -> list[list[float]]:
-    """``"0.5,2;0,3"`` -> ``[[0.5, 2.0], [0.0, 3.0]]``."""
+    """``"0.5,2;0,3"`` -> ``[[0.5, 2.0], [0.0, 3.0]]``: rows of equal length of finite numbers."""
     try:
-        return [[float(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
+        rows = [[float(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected rows of comma-separated numbers separated by ';', got {text!r}") from None
+        raise _bad(f"--theta: expected rows of comma-separated numbers separated by ';', got {text!r}") from None
+    if not rows:
+        raise _bad(f"--theta: expected at least one row of numbers, got {text!r}")
+    if len({len(r) for r in rows}) > 1:
+        raise _bad(f"--theta: every row needs the same number of values, got rows of {[len(r) for r in rows]} "
+                   f"values in {text!r}")
+    if not all(math.isfinite(v) for r in rows for v in r):
+        raise _bad(f"--theta: values must be finite numbers, got {text!r}")
+    return rows
+
+
+def _parse_labels(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: whole non-negative numbers only (no silent ``1.9 -> 1``)."""
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        if not v.isdigit():
+            raise _bad(f"--labels: class labels are whole numbers >= 0 separated by ',', got {v!r} in {text!r}")
+        out.append(int(v))
+    return out
 
 
 @app.command()
@@ -83,7 +134,9 @@ def train(
 
     def go():
         if config is None and workdir is None:
-            raise ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
+            raise ConfigError("give a run config (digits, grf, grf-posterior or a .toml file) or --workdir of a run to resume")
+        if workdir is not None and workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"--workdir '{workdir}' is a file; give a directory (new or of a run to resume)")
         if is_posterior_source(config if config is not None else workdir):
             return _train_posterior(config if config is not None else workdir, set_, data, workdir)
         run = load_run_config(config if config is not None else workdir, set_, data=data)
@@ -91,11 +144,13 @@ def train(
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
         try:
             return runs.train_run(run, wd, progress=progress, echo=typer.echo)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
             step = latest_checkpoint_step(wd)
             saved = f"checkpoint at step {step} in {wd}" if step is not None else "no checkpoint yet"
-            typer.echo(f"\ninterrupted: {saved}; run the same command again to resume", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"\ninterrupted ({signal.Signals(signum).name}): {saved}; run the same command again to resume",
+                       err=True)
+            raise typer.Exit(128 + signum) from None
 
     summary = _call(go)
     if summary is None:  # a posterior run, reported by _train_posterior
@@ -120,10 +175,11 @@ def _train_posterior(source: Any, set_: list[str], data: Optional[str], workdir:
     typer.echo(f"run {run.name!r}: amortised posterior on simulated GRF fields, {run.train.steps} steps, workdir {wd}")
     try:
         s = train_posterior_run(run, wd, echo=typer.echo)
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted: nothing saved (the posterior is saved at the end of training); "
-                   "run the same command again to start over", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        typer.echo(f"\ninterrupted ({signal.Signals(signum).name}): nothing saved (the posterior is saved at the end "
+                   "of training); run the same command again to start over", err=True)
+        raise typer.Exit(128 + signum) from None
     typer.echo(f"done: {s['steps_done']} steps in {s['train_seconds']:.1f} s, final nll {s['final_nll']:.4f}, "
                f"flow loss {s['final_flow']:.4f}\ncheckpoint: {s['checkpoint_path']}")
 
@@ -131,37 +187,45 @@ def _train_posterior(source: Any, set_: list[str], data: Optional[str], workdir:
 @app.command()
 def sample(
     workdir: Path = typer.Argument(..., help="Run directory (or a `pixeldit convert` output) with a checkpoint."),
-    num: Optional[int] = typer.Option(None, "--num", "-n", help="Number of samples."),
+    num: Optional[int] = typer.Option(None, "--num", "-n", min=1, help="Number of samples."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class labels to draw, cycled: e.g. 3 or 0,1,2."),
     theta: Optional[str] = typer.Option(None, "--theta", help="Theta rows to draw, cycled: e.g. '0.5,2.0;-0.5,3.5'."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale (1: none)."),
     method: Optional[str] = typer.Option(None, "--method", help="euler, heun, heun_exact, flow_dpm, dpm_solver_2m, adaptive."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Solver steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Solver steps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     raw: bool = typer.Option(False, "--raw", help="Use the raw training weights instead of the EMA weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default WORKDIR/samples)."),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="H W (default: the training data's)."),
     condition: Optional[Path] = typer.Option(None, "--condition", help="t2i models: .npz with text-encoder tokens y (N, L, D) [and y_null]."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override [sample] keys: sample.key=value."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override \\[sample] keys: sample.key=value."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    adm_out: Optional[Path] = typer.Option(None, "--adm-out", help="Write ADM-evaluator .npz batches (uint8 NHWC) here; resumable."),
 ) -> None:
-    """Draw samples from a checkpoint: writes samples.png (grid) and samples.npz (arrays)."""
+    """Draw samples from a checkpoint: writes samples.png (grid) and samples.npz (arrays), or ADM batches."""
     from pixeldit import runs
 
-    sets = list(set_)
-    for key, value in (("num_samples", num), ("guidance", guidance), ("method", method), ("steps", steps),
-                       ("seed", seed)):
-        if value is not None:
-            sets.append(f"sample.{key}={json.dumps(value)}")
-    if labels is not None:
-        sets.append(f"sample.labels=[{labels}]")
-    if theta is not None:
-        sets.append(f"sample.theta={json.dumps(_parse_rows(theta))}")
-    if image_size is not None:
-        sets.append(f"sample.image_size={json.dumps(list(image_size))}")
-    res = _call(lambda: runs.sample_run(workdir, out=out, step=step, ema=not raw, overrides=sets,
-                                        condition_file=condition, progress=progress))
+    def go():
+        sets = list(set_)
+        for key, value in (("num_samples", num), ("guidance", guidance), ("method", method), ("steps", steps),
+                           ("seed", seed)):
+            if value is not None:
+                sets.append(f"sample.{key}={json.dumps(value)}")
+        if labels is not None:
+            sets.append(f"sample.labels={json.dumps(_parse_labels(labels))}")
+        if theta is not None:
+            sets.append(f"sample.theta={json.dumps(_parse_rows(theta))}")
+        if image_size is not None:
+            sets.append(f"sample.image_size={json.dumps(list(image_size))}")
+        return runs.sample_run(workdir, out=out, step=step, ema=not raw, overrides=sets, condition_file=condition,
+                               progress=progress, adm_out=adm_out)
+
+    res = _call(go)
+    if adm_out is not None:
+        typer.echo(f"{res['num_samples']} samples from step {res['step']}: {res['batches_drawn']} batches drawn, "
+                   f"{res['batches_skipped']} already there\nADM evaluator file: {res['adm_npz']}")
+        return
     typer.echo(f"{res['num_samples']} samples from step {res['step']} in {res['wall_time']:.1f} s\n"
                f"grid: {res['png']}\narrays: {res['npz']}")
 
@@ -171,14 +235,17 @@ def eval_(
     workdir: Path = typer.Argument(..., help="Run directory trained with `pixeldit train`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default WORKDIR/eval)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override [eval] / [sample] keys, e.g. eval.samples_per_class=20."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override \\[eval] / \\[sample] keys, e.g. eval.samples_per_class=20."),
     raw: bool = typer.Option(False, "--raw", help="Evaluate the raw training weights instead of the EMA weights."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception weights (pt_inception-2015-12-05-*.pth): also report FID."),
+    fid_stats: Optional[Path] = typer.Option(None, "--fid-stats", help="Cache file of the training images' FID statistics."),
 ) -> None:
-    """Measure sample quality (digits: classifier accuracy and diversity; grf: power spectra) and plot it."""
+    """Measure sample quality (digits: classifier accuracy and diversity; grf: power spectra; FID with --inception)."""
     from pixeldit import runs
 
-    res = _call(lambda: runs.eval_run(workdir, out=out, step=step, overrides=set_, ema=not raw, progress=progress))
+    res = _call(lambda: runs.eval_run(workdir, out=out, step=step, overrides=set_, ema=not raw, progress=progress,
+                                      inception=inception, fid_stats=fid_stats))
     skip = {"per_theta", "accuracy_per_class", "diversity_per_class", "plots", "checks", "sampling"}
     _echo_json({k: v for k, v in res.items() if k not in skip})
     for name, ok in res.get("checks", {}).items():
@@ -193,7 +260,7 @@ def info(
     target: str = typer.Argument(..., help="A preset (B/16, L/16, XL/16, T2I-1.3B), a run config (digits, grf, .toml) or a workdir."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="H W for the FLOPs count."),
-    batch: int = typer.Option(1, "--batch", help="Batch size for the FLOPs count."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size for the FLOPs count."),
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Compile the forward pass to count FLOPs."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
@@ -239,8 +306,15 @@ def convert(
             raise FileNotFoundError(f"no such file or workdir: {source}")
         if not convert.is_reference_file(source):
             raise ConfigError(f"'{source}' is neither a workdir nor a reference checkpoint ({', '.join(convert.REFERENCE_FILE_SUFFIXES)})")
-        return convert.reference_file_to_workdir(source, dest, kwargs_file=kwargs, preset_name=preset, kind=kind,
-                                                 ema=not raw, image_size=image_size)
+        try:
+            return convert.reference_file_to_workdir(source, dest, kwargs_file=kwargs, preset_name=preset, kind=kind,
+                                                     ema=not raw, image_size=image_size)
+        except _errors() + (OSError,):
+            raise
+        except Exception as e:  # the file's reader failed: safetensors, torch.load or pickle errors
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise convert.ConversionError(f"cannot read '{source}' as a reference checkpoint ({type(e).__name__}: "
+                                          f"{first})") from e
 
     res = _call(go)
     if "file" in res:
@@ -277,8 +351,8 @@ def env_() -> None:
 @app.command()
 def bench(
     preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the preset's)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed repeats after warm-up (medians are reported)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size (default: the preset's)."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats after warm-up (medians are reported)."),
     remat: Optional[str] = typer.Option(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     scan_unroll: Optional[str] = typer.Option(
@@ -338,12 +412,31 @@ def bench(
         typer.echo("\n".join([format_result(result), *format_lines(result)]))
 
 
+def run(args: list[str] | None = None) -> int:
+    """Run :data:`app` on ``args`` (default: the command line); returns the exit code.
+
+    Usage errors (an unknown option, a value out of range) print one ``error:`` line, as the
+    commands' own errors do (:func:`_call`), instead of click's usage box.
+    """
+    try:
+        code = app(args=args, prog_name="pixeldit", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    except typer.TyperException as e:  # a usage error: unknown option, value out of range
+        if os.environ.get("PIXELDIT_DEBUG", "") not in ("", "0"):
+            raise
+        typer.echo(f"error: {e.format_message()} (see: pixeldit --help)", err=True)
+        return e.exit_code
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     """Entry point of the ``pixeldit`` command (and ``python -m pixeldit``).
 
     Before JAX starts: :func:`pixeldit.runtime.configure_host` (CPU XLA flags, huge pages for
     malloc; may re-execute the process once) and the persistent compilation cache (off for
-    ``bench``, which measures cold compiles).  Then runs :data:`app`.
+    ``bench``, which measures cold compiles).  Then runs :data:`app` (:func:`run`).
     """
     import sys
 
@@ -352,7 +445,7 @@ def main() -> None:
     configure_host()
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     configure_compilation_cache(enable=command != "bench")
-    app(prog_name="pixeldit")
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ import numpy as np
 from flax import nnx
 
 from pixeldit.model import C2IConfig, T2IConfig, build_model, preset
+from pixeldit.repa import REPAProjector, load_projector, projector_to_reference, split_projector_keys
 from pixeldit.sampling import REFERENCE_T2I_TIME
 from pixeldit.training.checkpoint import load_checkpoint, save_model_checkpoint
+from pixeldit.training.config import TrainConfig
+from pixeldit.training.optim import make_optimizer
+from pixeldit.training.state import TrainState, create_train_state, ema_model, train_model
 
 # Reference constructor arguments that do not change the network's function or weights.
 IGNORED_REFERENCE_KWARGS = {
@@ -388,3 +392,76 @@ def workdir_to_reference_file(workdir: str | os.PathLike, out_file: str | os.Pat
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_reference_safetensors(model, out_file)
     return {"file": str(out_file), "kind": model_config.kind, "num_tensors": len(to_reference_state_dict(model))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference training checkpoints <-> train states (continue a reference run, REPA projector included)
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_model(model_config, state_dict: Mapping[str, Any], seed: int):
+    model = build_model(model_config, rngs=nnx.Rngs(seed))
+    load_reference_state_dict(model, state_dict)
+    return model
+
+
+def reference_train_state(raw: Mapping[str, Any], model_config, train_config: TrainConfig) -> TrainState:
+    """A :class:`~pixeldit.training.TrainState` holding a reference training checkpoint's weights.
+
+    ``raw`` is the checkpoint's state dict (or the Lightning file's dict with ``state_dict``):
+    ``denoiser.*`` become the parameters, ``ema_denoiser.*`` the EMA (the parameters when
+    absent), and the REPA projector (``diffusion_trainer.proj.0.*`` or ``_repa_projector.*``)
+    ``state.repa``; it must be there exactly when ``train_config.repa`` is set, in its style.  The
+    AdamW moments start at zero (the reference's torch optimiser state is not read); the step is
+    the Lightning ``global_step`` when present.
+    """
+    inner = raw["state_dict"] if isinstance(raw.get("state_dict"), Mapping) else raw
+    has_ema = any(_strip_wrappers(k).startswith("ema_denoiser.") for k in inner)
+    seed = train_config.seed
+    model = _load_model(model_config, extract_model_state_dict(raw, ema=False), seed)
+    state = create_train_state(model_config, train_config, model=model)
+    if has_ema:
+        ema = _load_model(model_config, extract_model_state_dict(raw, ema=True), seed)
+        state = state.replace(flat_ema=state.layout.flatten(nnx.state(ema, nnx.Param)))
+    weights, _, style = split_projector_keys({_strip_wrappers(k): _as_numpy(v) for k, v in inner.items()})
+    repa = train_config.repa
+    if (repa is None) != (style is None):
+        raise ConversionError(
+            f"the checkpoint {'has no' if style is None else 'has a'} REPA projector but train_config.repa is "
+            f"{'set' if repa is not None else 'None'}"
+        )
+    if repa is not None:
+        if style != repa.style:
+            raise ConversionError(f"the checkpoint's REPA projector is {style}-style, train_config.repa.style is {repa.style}")
+        projector = REPAProjector.for_model(repa, model_config.hidden_size, rngs=nnx.Rngs(0))
+        try:
+            load_projector(projector, weights)
+        except ValueError as e:
+            raise ConversionError(f"REPA projector: {e}") from e
+        params = nnx.state(projector, nnx.Param)
+        state = state.replace(repa={"params": params, "opt_state": make_optimizer(train_config).init(params)})
+    step = raw.get("global_step") if isinstance(raw.get("global_step"), int) else 0
+    return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def train_state_to_reference(state: TrainState, style: str = "c2i") -> dict[str, np.ndarray]:
+    """A train state as a reference state dict that :func:`reference_train_state` reads back.
+
+    ``style="c2i"``: the Lightning layout (``denoiser.*``, ``ema_denoiser.*`` and a REPA projector
+    as ``diffusion_trainer.proj.0.*``); ``"t2i"``: the model's keys and ``_repa_projector.*``.
+    """
+    if style not in ("c2i", "t2i"):
+        raise ValueError(f"style must be 'c2i' or 't2i', got {style!r}")
+    model = train_model(state)
+    projector = {}
+    if state.repa is not None:
+        kernels = [v for path, v in nnx.to_flat_state(state.repa["params"]) if path[-1] == "kernel"]  # layers 0, 2, 4
+        (model_dim, hidden), encoder_dim = kernels[0].shape, kernels[-1].shape[1]
+        module = REPAProjector(model_dim, hidden, encoder_dim, rngs=nnx.Rngs(0))
+        nnx.update(module, state.repa["params"])
+        projector = projector_to_reference(module, style)
+    if style == "t2i":
+        return {**to_reference_state_dict(model), **projector}
+    out = {f"denoiser.{k}": v for k, v in to_reference_state_dict(model).items()}
+    out.update({f"ema_denoiser.{k}": v for k, v in to_reference_state_dict(ema_model(state)).items()})
+    return {**out, **projector}

@@ -136,6 +136,7 @@ def flow_matching_loss(
     time_std: float = 1.0,
     time_shift: float = 1.0,
     mask: jax.Array | None = None,
+    tokens_after: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching (velocity) MSE for one batch.
 
@@ -154,10 +155,11 @@ def flow_matching_loss(
       p_uncond: per-example probability of using the null condition.
       time_distribution, time_mean, time_std, time_shift: see :func:`sample_time`.
       mask: optional attention mask passed to the model (text tokens).
+      tokens_after: also return the model's patch tokens after this block (REPA) in ``aux``.
 
     Returns:
       ``(loss, aux)`` where ``loss`` is a float32 scalar and ``aux`` holds
-      ``"loss_per_example"`` (B,) and the sampled ``"t"`` (B,).
+      ``"loss_per_example"`` (B,) and the sampled ``"t"`` (B,) (and ``"tokens"`` with ``tokens_after``).
     """
     x = jnp.asarray(x, jnp.float32)
     batch = x.shape[0]
@@ -175,11 +177,15 @@ def flow_matching_loss(
     target = target_velocity(x, eps)
     if y is not None and p_uncond > 0.0:
         y = drop_condition(k_drop, y, model.null_condition(y), p_uncond)
-    if mask is None:
-        v = model(x_t, t, y)
+    kwargs = {} if mask is None else {"mask": mask}
+    if tokens_after is not None:
+        v, tokens = model(x_t, t, y, tokens_after=tokens_after, **kwargs)
     else:
-        v = model(x_t, t, y, mask=mask)
+        v, tokens = model(x_t, t, y, **kwargs), None
     err = jnp.square(v.astype(jnp.float32) - target)
     per_example = jnp.mean(err.reshape(batch, -1), axis=1)
     loss = jnp.mean(per_example)
-    return loss, {"loss_per_example": per_example, "t": t}
+    aux = {"loss_per_example": per_example, "t": t}
+    if tokens is not None:
+        aux["tokens"] = tokens
+    return loss, aux

@@ -362,7 +362,7 @@ def resolve_scan_unroll(unroll: int | bool | str) -> int | bool:
 
 
 def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool | str = False,
-                unroll: int | bool | str = 1):
+                unroll: int | bool | str = 1, part: slice = slice(None)):
     """Run stacked ``blocks`` in sequence: ``carry = step(block_i, carry)`` via ``jax.lax.scan``.
 
     ``remat`` chooses what the backward pass keeps of each block's forward: ``False`` every
@@ -370,8 +370,11 @@ def scan_blocks(blocks: nnx.Module, carry, step: Callable, *, remat: bool | str 
     modulation and activations is recomputed inside the backward's fused kernels: less memory
     traffic, same FLOPs of matrix multiplies); ``True`` only the block input (the whole block is
     recomputed: least memory, one more forward of FLOPs).  All three give the same gradients.
+    ``part`` runs only those blocks of the stack (``slice(0, k)`` then ``slice(k, None)``: the
+    tokens after block ``k`` without collecting every block's output).
     """
     graphdef, state = nnx.split(blocks)
+    state = jax.tree.map(lambda a: a[part], state)
 
     def body(c, block_state):
         return step(nnx.merge(graphdef, block_state), c), None
@@ -457,6 +460,23 @@ class _PixelDiTBase(nnx.Module):
         out = self.final_layer(pix)  # (B, L, p*p, C)
         return unpatchify(out, h, w, p).astype(jnp.float32)  # (B, H, W, C)
 
+    def _patch_level(self, carry, step: Callable, tokens_after: int | None):
+        """``(carry, image tokens after block tokens_after or None)``: the patch blocks in one or two scans."""
+        cfg, blocks = self.config, self.patch_blocks
+        run = functools.partial(scan_blocks, blocks, step=step, remat=cfg.remat, unroll=cfg.scan_unroll)
+        if tokens_after is None:
+            return run(carry), None
+        if not 1 <= tokens_after <= cfg.patch_depth:
+            raise ValueError(f"tokens_after counts patch blocks 1..{cfg.patch_depth}, got {tokens_after}")
+        carry = run(carry, part=slice(0, tokens_after))
+        tokens = carry[0] if isinstance(carry, tuple) else carry  # (B, L, D); MMDiT carries text tokens too
+        return run(carry, part=slice(tokens_after, None)), tokens
+
+    @staticmethod
+    def _output(v: jax.Array, tokens, tokens_after: int | None):
+        """``v``, or ``(v, tokens)`` when the tokens after a patch block were asked for (REPA)."""
+        return v if tokens_after is None else (v, tokens)
+
     def _check_xt(self, x, t) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         if getattr(x, "ndim", None) != 4:
@@ -484,7 +504,8 @@ class PixelDiT(_PixelDiTBase):
     """Class-conditional PixelDiT (reference ``PixDiT``): ``model(x, t, y) -> v``.
 
     ``x`` ``(B, H, W, C)``, ``t`` ``(B,)`` in [0, 1] (0 noise, 1 data), ``y`` int labels ``(B,)``
-    in ``[0, num_classes]`` where ``num_classes`` is the null class.  Returns ``(B, H, W, C)`` float32.
+    in ``[0, num_classes]`` where ``num_classes`` is the null class.  Returns ``(B, H, W, C)`` float32;
+    with ``tokens_after=k`` also the patch tokens ``(B, L, D)`` after block ``k`` (REPA), as ``(v, tokens)``.
     """
 
     _zero_init_adaln = True  # reference initialize_weights zeroes every adaLN projection
@@ -511,7 +532,8 @@ class PixelDiT(_PixelDiTBase):
         return jnp.full_like(jnp.asarray(y), self.config.num_classes)
 
     @_at_matmul_precision
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None, *,
+                 tokens_after: int | None = None):
         cfg = self.config
         if mask is not None:
             raise ValueError("the class-conditional model takes no mask (mask is for padded text tokens)")
@@ -526,9 +548,9 @@ class PixelDiT(_PixelDiTBase):
         c = jax.nn.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D)
         patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C), pixel-major
         s = self.s_embedder(patches)  # (B, L, D)
-        s = scan_blocks(self.patch_blocks, s, lambda blk, z: blk(z, c, rope), remat=cfg.remat, unroll=cfg.scan_unroll)
+        s, tokens = self._patch_level(s, lambda blk, z: blk(z, c, rope), tokens_after)
         s = jax.nn.silu(t_emb + s)  # (B, L, D) per-patch condition of the pixel level
-        return self._pixel_level(x, s)
+        return self._output(self._pixel_level(x, s), tokens, tokens_after)
 
 
 class PixelDiTT2I(_PixelDiTBase):
@@ -584,7 +606,8 @@ class PixelDiTT2I(_PixelDiTBase):
         return jnp.zeros_like(jnp.asarray(y))
 
     @_at_matmul_precision
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, mask: jax.Array | None = None, *,
+                 tokens_after: int | None = None):
         cfg = self.config
         x, t = self._check_xt(x, t)
         b, h, w, _ = x.shape
@@ -604,15 +627,11 @@ class PixelDiTT2I(_PixelDiTBase):
         y_tok = self._embed_condition(y)  # (B, L_txt, D)
         patches = patchify(x, p).reshape(b, -1, p * p * cfg.in_channels)  # (B, L, p*p*C)
         s = self.s_embedder(patches)  # (B, L, D)
-        s, _ = scan_blocks(
-            self.patch_blocks,
-            (s, y_tok),
-            lambda blk, carry: blk(carry[0], carry[1], c, rope, rope_txt, mask),
-            remat=cfg.remat,
-            unroll=cfg.scan_unroll,
+        (s, _), tokens = self._patch_level(
+            (s, y_tok), lambda blk, carry: blk(carry[0], carry[1], c, rope, rope_txt, mask), tokens_after
         )
         s = jax.nn.silu(t_emb + s)  # (B, L, D)
-        return self._pixel_level(x, s)
+        return self._output(self._pixel_level(x, s), tokens, tokens_after)
 
 
 class PixelDiTTheta(PixelDiTT2I):

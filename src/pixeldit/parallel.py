@@ -376,6 +376,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool = False, *, min_
         opt_state=jax.tree.map(leaf, abstract_state.opt_state),
         rng=repl,
         model_state=jax.tree.map(lambda _: repl, abstract_state.model_state),
+        repa=jax.tree.map(lambda _: repl, getattr(abstract_state, "repa", None)),  # the REPA projector: small
     )
 
 

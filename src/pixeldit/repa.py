@@ -46,6 +46,9 @@ class REPAConfig:
     loss_weight: float = 0.5  # c2i feat_loss_weight
     hidden_dim: int | None = None  # projector width; None: the model's hidden size (c2i yaml)
     encoder_dim: int = 768  # DINOv2 ViT-B/14 token width
+    # the frozen encoder a run builds (pixeldit.runs): "tiny" (tests) or a DINOv2 weights file;
+    # None: the caller of pixeldit.train passes the encoder module itself
+    encoder: str | None = None
 
     def __post_init__(self):
         if self.style not in REFERENCE_PREFIX:

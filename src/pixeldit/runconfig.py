@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ SECTIONS = ("model", "train", "data", "sample", "eval")
 MODEL_KINDS = ("auto", "c2i", "theta")  # trainable from data; t2i models come from `convert` only
 THETA_ENCODINGS = ("affine", "none")
 RUN_MODEL_KEYS = ("kind", "theta_encoding")  # [model] keys of the run, not of the model config
+# [model] sizes checked before the data is read (the data loader takes patch_size)
+POSITIVE_MODEL_INTS = ("in_channels", "num_groups", "hidden_size", "pixel_hidden_size", "patch_size", "patch_depth",
+                       "pixel_depth", "num_classes", "theta_dim", "pixel_attn_hidden_size", "pixel_num_groups")
 
 __all__ = [
     "ConfigError",
@@ -79,6 +83,21 @@ def _type_ok(value: Any, kind: str) -> bool:
     raise AssertionError(kind)
 
 
+def _positive_int(v: Any) -> bool:
+    return _type_ok(v, "int") and v >= 1
+
+
+def _finite_number(v: Any) -> bool:
+    return _type_ok(v, "float") and math.isfinite(v)
+
+
+def _check_positive(section: str, obj: Any, names: Sequence[str]) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not _positive_int(v):
+            raise ConfigError(f"{section}.{name} must be a whole number >= 1, got {v!r}")
+
+
 class _Section:
     """Checks each field against ``_types`` (``"int" | "float" | "str" | "bool" | "list"``; None allowed where the default is None)."""
 
@@ -95,6 +114,8 @@ class _Section:
             if self._types[f.name] == "list":
                 object.__setattr__(self, f.name, _freeze(v))
             elif self._types[f.name] == "float":
+                if not math.isfinite(v):
+                    raise ConfigError(f"{self._name}.{f.name} must be a finite number, got {v!r}")
                 object.__setattr__(self, f.name, float(v))
 
     @classmethod
@@ -168,6 +189,13 @@ class DataSection(_Section):
                 f"data.{', data.'.join(bad)} do(es) not apply to data source {self.source!r} ({kind}); "
                 f"its options are: {', '.join(('seed',) + allowed)}"
             )
+        _check_positive("data", self, ("resolution", "size"))
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels!r}")
+        for name in ("prior_low", "prior_high"):
+            v = getattr(self, name)
+            if v is not None and not (len(v) == 2 and all(_finite_number(x) for x in v)):
+                raise ConfigError(f"data.{name} must be two finite numbers [log_amplitude, slope], got {list(v)!r}")
         if kind == "stream" and self.streaming is False:
             raise ConfigError(f"data source {self.source!r} is read by streaming only; drop data.streaming = false")
         stream_only = [k for k in STREAM_OPTIONS[1:] if k in allowed and getattr(self, k) is not None]
@@ -231,8 +259,20 @@ class SampleSection(_Section):
                 raise ConfigError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.guidance_interval) != 2:
             raise ConfigError(f"sample.guidance_interval must be [lo, hi], got {list(self.guidance_interval)}")
-        if self.image_size is not None and len(self.image_size) != 2:
-            raise ConfigError(f"sample.image_size must be [H, W], got {list(self.image_size)}")
+        if self.image_size is not None and not (len(self.image_size) == 2 and all(map(_positive_int, self.image_size))):
+            raise ConfigError(f"sample.image_size must be [H, W] of whole numbers >= 1, got {list(self.image_size)}")
+        lo, hi = self.guidance_interval
+        if not (_finite_number(lo) and _finite_number(hi) and 0 <= lo <= hi <= 1):
+            raise ConfigError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {[lo, hi]}")
+        if self.timeshift <= 0:
+            raise ConfigError(f"sample.timeshift must be a number > 0 (1: no shift), got {self.timeshift}")
+        if bad := [v for v in self.labels if not (_type_ok(v, "int") and v >= 0)]:
+            raise ConfigError(f"sample.labels must be class indices (whole numbers >= 0), got {bad[0]!r}")
+        rows = [r if isinstance(r, (list, tuple)) else (r,) for r in self.theta]
+        if any(isinstance(r, (list, tuple)) for r in self.theta) and len({len(r) for r in rows}) > 1:
+            raise ConfigError(f"sample.theta rows must all have the same length, got lengths {[len(r) for r in rows]}")
+        if not all(_finite_number(v) for r in rows for v in r):
+            raise ConfigError(f"sample.theta must hold finite numbers, got {_thaw(self.theta)!r}")
 
 
 @dataclass(frozen=True)
@@ -256,6 +296,13 @@ class EvalSection(_Section):
     guidance: float | None = None
     seed: int = 1  # differs from [sample]'s so eval draws are not the preview draws
     batch_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive("eval", self, ("samples_per_class", "samples_per_theta", "n_sim", "num_samples", "steps",
+                                       "batch_size"))
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"eval.method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
 @dataclass(frozen=True)
@@ -295,17 +342,16 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=200)")
     lhs, raw = text.split("=", 1)
-    parts = lhs.strip().split(".")
+    parts = lhs.strip().split(".", 1)  # section.table.key reaches a table such as [train.repa]
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the name must be section.key with a section of {', '.join(SECTIONS)}")
     section, key = parts
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section [{section}]; sections: {', '.join(SECTIONS)}")
-    raw = raw.strip()
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
+        value = raw.strip()
     return section, key, value
 
 
@@ -322,6 +368,7 @@ def _read_raw(source: str | os.PathLike) -> tuple[str, dict]:
                 raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot parse run config '{path}': {e}") from e
+        raw.pop("history", None)  # run.json: settings changed on resume, not part of the config
         name = raw.pop("name", None) or (path.parent.name if path.name == RUN_FILE else path.stem)
         return str(name), raw
     builtin = CONFIG_DIR / f"{source}.toml"
@@ -348,6 +395,10 @@ def build_run_config(name: str, raw: Mapping[str, Any]) -> RunConfig:
     bad = sorted(set(train_raw) - set(known_train))
     if bad:
         raise ConfigError(f"unknown key(s) in [train]: {', '.join(bad)}; known keys: {', '.join(known_train)}")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(f.default))
+        if f.name in train_raw and kind and not _type_ok(train_raw[f.name], kind):
+            raise ConfigError(f"train.{f.name} must be of type {kind}, got {train_raw[f.name]!r}")
     if isinstance(train_raw.get("betas"), list):
         train_raw["betas"] = tuple(train_raw["betas"])
     try:
@@ -371,19 +422,18 @@ def model_fields(kind: str) -> list[str]:
 
 def _check_model_keys(model: Mapping[str, Any]) -> None:
     kind = model.get("kind", "auto")
-    if kind == "posterior":  # pixeldit.posterior_run reads these configs
-        raise ConfigError("this is an amortised posterior run (model.kind = 'posterior'): `pixeldit train` trains it "
-                          "and `pixeldit.posterior_training.load_posterior` loads it; it has no images to sample or evaluate")
     if kind not in MODEL_KINDS:
-        raise ConfigError(
-            f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r} "
-            "(text-to-image models are not trained from the CLI; convert reference checkpoints instead)"
-        )
+        hint = ("an amortised posterior run: `pixeldit train` trains it, pixeldit.posterior_training loads it"
+                if kind == "posterior" else "text-to-image models are not trained from the CLI; convert reference checkpoints instead")
+        raise ConfigError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r} ({hint})")
     fields = set(model_fields("c2i")) | set(model_fields("theta")) if kind == "auto" else set(model_fields(kind))
     known = sorted(set(RUN_MODEL_KEYS) | fields)
     bad = sorted(set(model) - set(known))
     if bad:
         raise ConfigError(f"unknown key(s) in [model]: {', '.join(bad)}; known keys: {', '.join(known)}")
+    for k in POSITIVE_MODEL_INTS:
+        if k in model and model[k] is not None and not _positive_int(model[k]):
+            raise ConfigError(f"model.{k} must be a whole number >= 1, got {model[k]!r}")
     if model.get("theta_encoding", "affine") not in THETA_ENCODINGS:
         raise ConfigError(f"model.theta_encoding must be one of {', '.join(THETA_ENCODINGS)}, "
                           f"got {model['theta_encoding']!r}")
@@ -410,16 +460,19 @@ def load_run_config(
         raw["data"] = {"source": str(data)} | ({"seed": seed} if seed is not None else {})
     for text in overrides:
         section, key, value = parse_override(text)
-        raw[section][key] = value
+        table, _, leaf = key.rpartition(".")  # "repa.encoder": key encoder of the table [train.repa]
+        (raw[section].setdefault(table, {}) if table else raw[section])[leaf] = value
     return build_run_config(name, raw)
 
 
-def save_run_config(run: RunConfig, workdir: str | os.PathLike) -> Path:
-    """Write ``workdir/run.json`` (the resolved run config), atomically."""
+def save_run_config(run: RunConfig, workdir: str | os.PathLike, history: Sequence[Mapping] = ()) -> Path:
+    """Write ``workdir/run.json`` (the resolved run config), atomically, keeping its ``history``
+    (settings changed on resume: :func:`pixeldit.runs.train_run`) with ``history`` appended."""
     path = Path(workdir) / RUN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    history = (json.loads(path.read_text()).get("history", []) if path.is_file() else []) + list(history)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(run.to_dict() | ({"history": history} if history else {}), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -12,11 +12,13 @@ only parses arguments and prints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from pixeldit.bench import forward_flops
@@ -32,7 +34,10 @@ from pixeldit.conditions import (
 )
 from pixeldit.data import load_dataset
 from pixeldit.data.stream import StreamBatches, host_shard, open_stream
+from pixeldit.encoders import build_encoder
 from pixeldit.evaluate import benchmarks, plot_sample_grid
+from pixeldit.evaluate.fid_eval import adm_export, fid_against_data
+from pixeldit.fid import load_fid_inception
 from pixeldit.model import CONFIG_KINDS, PRESETS, config_from_dict, count_params, preset
 from pixeldit.runconfig import (
     RUN_FILE,
@@ -47,14 +52,19 @@ from pixeldit.runconfig import (
     save_run_config,
 )
 from pixeldit.training import (
+    RESUME_OPTIMIZER_FIELDS,
     IncompatibleCheckpointError,
+    workdir_lock,
     latest_checkpoint_step,
     load_checkpoint,
     read_checkpoint_meta,
     train,
 )
+from pixeldit.training.loggers import MetricsLogger, open_logger
 
 __all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "sample_run", "train_run"]
+
+log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
@@ -111,8 +121,10 @@ def resolve_model_config(model: Mapping[str, Any], dataset):
         raise ConfigError(f"[model]: {e}") from e
 
 
-def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo: Callable[[str], Any] | None = None):
-    """``cb(step, ema_model)`` writing ``workdir/samples/step_<step>.png``: EMA samples next to real data."""
+def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo: Callable[[str], Any] | None = None,
+                     logger: MetricsLogger | None = None):
+    """``cb(step, ema_model)`` writing ``workdir/samples/step_<step>.png``: EMA samples next to real data
+    (also sent to ``logger``, the run's TensorBoard / W&B logger, as image ``samples``)."""
     meta = dataset.metadata()
     s = run.sample
     n = s.preview_samples
@@ -132,10 +144,23 @@ def preview_callback(run: RunConfig, model_config, dataset, workdir: Path, echo:
         path = plot_sample_grid(x, workdir / SAMPLES_DIR / f"step_{step:06d}.png", real=real,
                                 labels=labels_for_plot(model_config, y), real_labels=real_y, ncols=ncols,
                                 value_range=value_range_for(meta, run), class_names=getattr(dataset, "class_names", None))
+        if logger is not None:
+            logger.image(step, "samples", path)
         if echo is not None:
             echo(f"step {step}: sample grid {path}")
 
     return callback
+
+
+def repa_encoder(train_config, model_config):
+    """The frozen encoder ``train.repa.encoder`` names (None without REPA)."""
+    repa = train_config.repa
+    if repa is None:
+        return None
+    if repa.encoder is None:
+        raise ValueError('train.repa.encoder must name the encoder: "tiny" or a DINOv2 weights file (.pth / .safetensors)')
+    dtype = train_config.compute_dtype or model_config.dtype
+    return build_encoder(repa.encoder, dim=repa.encoder_dim, base_patch_size=model_config.patch_size, dtype=dtype)
 
 
 def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = True,
@@ -150,24 +175,37 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     workdir = Path(workdir)
     dataset = load_run_dataset(run)
     model_config = resolve_model_config(run.model, dataset)
-    fresh = latest_checkpoint_step(workdir) is None
-    saved = {} if fresh else read_checkpoint_meta(workdir)
+    with workdir_lock(workdir):  # before run.json is written: a second run must not touch it
+        return _train_locked(run, workdir, dataset, model_config, progress, echo)
+
+
+def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress: bool, echo) -> dict[str, Any]:
+    latest = latest_checkpoint_step(workdir)
+    fresh = latest is None
+    if latest is not None and run.train.steps < latest:
+        raise ConfigError(f"train.steps={run.train.steps} is below the step of the latest checkpoint in '{workdir}' "
+                          f"({latest}); give train.steps >= {latest} to continue this run, or use a new --workdir")
+    saved = {} if fresh else read_checkpoint_meta(workdir, warn=False)  # train() reports a damaged one
     if "theta_encoding" in (saved.get("dataset") or {}) and not saved["model_config"].get("theta_center"):
         # a theta run whose encoding is recorded beside the data: resume it in that layout
         dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])
         model_config = model_config.replace(theta_center=None, theta_scale=None)
     if fresh:
         save_run_config(run, workdir)
-    callbacks = [preview_callback(run, model_config, dataset, workdir, echo)] if run.train.sample_every else []
+    encoder = repa_encoder(run.train, model_config)
+    logger = open_logger(run.train.logger, workdir, run.to_dict()) if jax.process_index() == 0 else MetricsLogger()
+    callbacks = [preview_callback(run, model_config, dataset, workdir, echo, logger)] if run.train.sample_every else []
     incompatible = False
     try:
-        result = train(model_config, run.train, dataset, workdir, callbacks=callbacks, progress=progress)
+        result = train(model_config, run.train, dataset, workdir, callbacks=callbacks, progress=progress,
+                       encoder=encoder, logger=logger)
     except IncompatibleCheckpointError:
         incompatible = True
         raise
     finally:
-        if not incompatible and not fresh:
-            save_run_config(run, workdir)  # settings a resumed run may change (steps, sample, eval)
+        logger.close()
+        if not incompatible and not fresh:  # settings a resumed run may change (steps, optimiser, sample, eval)
+            save_run_config(run, workdir, history=_resume_changes(saved, run))
     summary = {k: v for k, v in result.summary.items() if k != "losses"}
     summary.update(workdir=str(workdir), run_config=str(workdir / RUN_FILE), num_params=count_params(model_config),
                    dataset=dataset.metadata().get("name"), image_shape=list(dataset.image_shape))
@@ -175,8 +213,20 @@ def train_run(run: RunConfig, workdir: str | os.PathLike, *, progress: bool = Tr
     return summary
 
 
-def _image_shape(meta: Mapping[str, Any], sample: SampleSection) -> tuple[int, int]:
+def _resume_changes(saved: Mapping[str, Any], run: RunConfig) -> list[dict[str, Any]]:
+    """``run.json`` history entry of a resume that changed optimiser settings or steps (else none)."""
+    old, new = saved.get("train_config", {}), run.train.to_dict()
+    changed = {k: [old.get(k), new[k]] for k in sorted(RESUME_OPTIMIZER_FIELDS | {"steps"}) if old.get(k) != new[k]}
+    if not changed:
+        return []
+    return [{"resumed_at_step": saved.get("step"), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed}]
+
+
+def _image_shape(meta: Mapping[str, Any], sample: SampleSection, patch_size: int) -> tuple[int, int]:
     if sample.image_size is not None:
+        if any(v % patch_size for v in sample.image_size):
+            raise ConfigError(f"--image-size (sample.image_size) {list(sample.image_size)}: both sides must be "
+                              f"multiples of the model's patch size {patch_size}")
         return tuple(int(v) for v in sample.image_size)
     shape = dataset_meta(meta).get("image_shape")
     if not shape:
@@ -184,15 +234,38 @@ def _image_shape(meta: Mapping[str, Any], sample: SampleSection) -> tuple[int, i
     return int(shape[0]), int(shape[1])
 
 
+def check_condition_options(model_config, sample: SampleSection) -> None:
+    """Options that do not apply to the model's kind are errors; odd-but-valid ones a warning line
+    (negative guidance, theta outside the box the model's theta encoding was fitted to)."""
+    kind = model_config.kind
+    if sample.theta and kind != "theta":
+        raise ConfigError(f"--theta (sample.theta) applies to theta models; this is a {kind} model (use --labels)")
+    if sample.labels and kind != "c2i":
+        raise ConfigError(f"--labels (sample.labels) applies to class-conditional models; this is a {kind} model"
+                          + (" (use --theta)" if kind == "theta" else ""))
+    if sample.guidance < 0:
+        log.warning("guidance %g < 0 pushes samples away from the condition (1: no guidance)", sample.guidance)
+    center, scale = getattr(model_config, "theta_center", None), getattr(model_config, "theta_scale", None)
+    if sample.theta and center is not None and scale is not None:
+        rows = np.asarray(sample.theta, np.float64).reshape(-1, len(center))
+        far = np.abs(rows - np.asarray(center)) > np.asarray(scale)
+        if far.any():
+            lo, hi = np.asarray(center) - np.asarray(scale), np.asarray(center) + np.asarray(scale)
+            log.warning("theta %s lies outside the training box [%s, %s]: the model extrapolates there",
+                        rows[far.any(axis=1)][0].tolist(), lo.tolist(), hi.tolist())
+
+
 def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
                ema: bool = True, overrides: Sequence[str] = (), condition_file: str | os.PathLike | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, adm_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Draw samples from a workdir checkpoint (EMA weights by default).
 
     ``overrides`` are ``sample.key=value`` strings on top of the workdir's ``[sample]`` section.
     Writes ``<out>/samples.png`` (grid) and ``<out>/samples.npz`` (``x`` ``(N, H, W, C)``, the
     condition as ``y`` (labels) or ``theta``, and the settings as JSON in ``settings``);
-    ``out`` defaults to ``workdir/samples``.  Returns the paths and settings.
+    ``out`` defaults to ``workdir/samples``.  Returns the paths and settings.  With ``adm_out``
+    the samples go instead to ADM-evaluator batches in that folder, one per ``sample.batch_size``
+    (resumable: :func:`pixeldit.evaluate.fid_eval.adm_export`).
     """
     workdir = Path(workdir)
     run = read_run_config(workdir)
@@ -200,6 +273,7 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
     model, model_config, meta = ckpt.model, ckpt.model_config, ckpt.meta
     dmeta = dataset_meta(meta)
+    check_condition_options(model_config, sample)
     if model_config.kind == "theta" and not sample.theta and dmeta.get("name") != "grf" and run is not None:
         _, data_theta = load_run_dataset(run).arrays()  # the training data's own thetas, cycled
         y = data_theta[np.arange(sample.num_samples) % len(data_theta)].astype(np.float32)
@@ -207,16 +281,25 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     else:
         y, y_null = make_conditions(model_config, dmeta, sample.num_samples, labels=sample.labels,
                                     theta=sample.theta, seed=sample.seed, condition_file=condition_file)
-    image_shape = _image_shape(meta, sample)
+    image_shape = _image_shape(meta, sample, model_config.patch_size)
+    settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
+
+    def draw(y, y_null, seed, progress=False):
+        return draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
+                            guidance=sample.guidance, guidance_interval=sample.guidance_interval,
+                            timeshift=sample.timeshift, seed=seed, batch_size=sample.batch_size, progress=progress,
+                            time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"))
+
     t0 = time.perf_counter()
-    x = draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
-                     guidance=sample.guidance, guidance_interval=sample.guidance_interval,
-                     timeshift=sample.timeshift, seed=sample.seed, batch_size=sample.batch_size, progress=progress,
-                     time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"))
+    if adm_out is not None:
+        res = adm_export(draw, y, y_null, adm_out, batch_size=sample.batch_size, seed=sample.seed,
+                         labels=model_config.kind == "c2i")
+        return dict(res, num_samples=len(y), step=int(meta["step"]), wall_time=time.perf_counter() - t0,
+                    settings=settings)
+    x = draw(y, y_null, sample.seed, progress)
     wall = time.perf_counter() - t0
     out = Path(out) if out is not None else workdir / SAMPLES_DIR
     out.mkdir(parents=True, exist_ok=True)
-    settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
     arrays = {"x": x, "settings": np.asarray(json.dumps(settings))}
     if model_config.kind == "c2i":
         arrays["y"] = y
@@ -233,7 +316,8 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
 
 
 def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None, step: int | None = None,
-             overrides: Sequence[str] = (), ema: bool = True, progress: bool = True) -> dict[str, Any]:
+             overrides: Sequence[str] = (), ema: bool = True, progress: bool = True,
+             inception: str | os.PathLike | None = None, fid_stats: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a workdir checkpoint (EMA weights unless ``ema=False``); writes ``<out>/metrics.json`` and plots.
 
     ``out`` defaults to ``workdir/eval``.
@@ -241,7 +325,9 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
     What is measured on digits, GRFs and other data: :mod:`pixeldit.evaluate.benchmarks`.
 
     ``overrides``: ``eval.key=value`` / ``sample.key=value`` strings.  Returns the metrics dict
-    (also in the JSON), with a ``checks`` entry for the built-in benchmarks' targets.
+    (also in the JSON), with a ``checks`` entry for the built-in benchmarks' targets.  With
+    ``inception`` (the FID Inception weights file) image runs also get ``fid`` of ``eval.num_samples``
+    samples against the training images, whose statistics are cached in ``fid_stats`` if given.
     """
     workdir = Path(workdir)
     run = read_run_config(workdir)
@@ -272,10 +358,25 @@ def eval_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = None
         result.update(benchmarks.evaluate_grf(model, model_config, dmeta, e, draw, out))
     else:
         result.update(benchmarks.evaluate_data(model, model_config, dmeta, load_run_dataset(run), run, s, e, draw, out))
+    if inception is not None:
+        result.update(_fid(model, model_config, dmeta, run, e, draw, inception, fid_stats))
     result["eval_wall_time"] = time.perf_counter() - t0
     result["metrics_json"] = str(out / "metrics.json")
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _fid(model, model_config, dmeta, run: RunConfig, e, draw: dict, inception, fid_stats) -> dict[str, Any]:
+    """FID of ``e.num_samples`` samples against the run's training images (image runs only)."""
+    if model_config.kind != "c2i":
+        raise ConfigError(f"FID needs an image run (class-conditional or unconditional images), not a {model_config.kind} run")
+    dataset = load_run_dataset(run)
+    real = dataset.arrays()[0] if hasattr(dataset, "arrays") else dataset.get_batch(0, e.num_samples)["x"]
+    y, y_null = make_conditions(model_config, dmeta, e.num_samples)
+    x = draw_samples(model, model_config, dmeta["image_shape"][:2], y, y_null, **draw)
+    fingerprint = {"dataset": dmeta, "inception": Path(inception).name}
+    return fid_against_data(x, real, load_fid_inception(inception), stats_cache=fid_stats, fingerprint=fingerprint,
+                            batch_size=draw["batch_size"])
 
 
 def _is_workdir(path: Path) -> bool:

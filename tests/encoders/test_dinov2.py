@@ -10,7 +10,7 @@ from paper_golden import load
 from safetensors.numpy import save_file
 from seeded import seeded_array, seeded_state_dict
 
-from pixeldit.encoders import DINOv2, DINOv2Config, DINOv2Encoder, PatchEncoder, TinyEncoder
+from pixeldit.encoders import DINOv2, DINOv2Config, DINOv2Encoder, PatchEncoder, TinyEncoder, build_encoder
 from pixeldit.encoders.dinov2 import config_from_state_dict, load_dinov2, load_torch_state_dict
 
 
@@ -110,3 +110,16 @@ def test_bfloat16_matmuls_stay_close_to_float32():
 def test_fixed_size_resize_for_t2i():
     encoder = DINOv2Encoder(DINOv2(DINOv2Config.preset("tiny"), rngs=nnx.Rngs(0)), size=(42, 28))
     assert encoder(jnp.zeros((1, 64, 64, 3))).shape == (1, 6, 32)  # 42 x 28 px -> 3 x 2 patches
+
+
+def test_build_encoder_from_a_run_setting(tmp_path):
+    assert isinstance(build_encoder("tiny", dim=16, base_patch_size=4), TinyEncoder)
+    meta, _ = load("dinov2_tiny.npz")
+    # the tiny weights widened to 64 (one head of 64, as every released DINOv2 has): sizes read off the file
+    wide = {32: 64, 96: 192, 128: 256}
+    shapes = {k: tuple(wide.get(d, d) for d in shape) for k, shape in meta["shapes"].items()}
+    save_file(seeded_state_dict(shapes, meta["seed"]), tmp_path / "dinov2.safetensors")
+    encoder = build_encoder(str(tmp_path / "dinov2.safetensors"), dim=64, base_patch_size=16)
+    assert isinstance(encoder, DINOv2Encoder) and encoder(jnp.ones((1, 32, 32, 3))).shape == (1, 4, 64)
+    with pytest.raises(ValueError, match="REPA encoder_dim is 768 but the DINOv2 weights in .* give 64-wide tokens"):
+        build_encoder(str(tmp_path / "dinov2.safetensors"), dim=768, base_patch_size=16)

@@ -305,10 +305,10 @@ def test_nan_loss_stops_without_saving(tmp_path):
 def test_incompatible_checkpoint_refused(tmp_path):
     T.train(CFG, tc(steps=2), ToyDataset(), tmp_path, progress=False)
     with pytest.raises(T.IncompatibleCheckpointError) as e:
-        T.train(CFG.replace(hidden_size=64), tc(steps=4, lr=1e-3), ToyDataset(seed=5), tmp_path, progress=False)
+        T.train(CFG.replace(hidden_size=64), tc(steps=4, time_std=0.5), ToyDataset(seed=5), tmp_path, progress=False)
     msg = str(e.value)
     assert "model.hidden_size: checkpoint=32 requested=64" in msg
-    assert "train.lr: checkpoint=0.003 requested=0.001" in msg
+    assert "train.time_std: checkpoint=1.0 requested=0.5" in msg
     assert "dataset.seed: checkpoint=0 requested=5" in msg
     assert len(e.value.differences) == 3
     assert T.latest_checkpoint_step(tmp_path) == 2

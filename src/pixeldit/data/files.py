@@ -224,6 +224,9 @@ def load_npz(
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     if not p.is_file():
         raise DataError(f"npz file '{p}' does not exist")
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # np.load would read any other file as a pickle, and blame allow_pickle
+            raise DataError(f"'{p}' is not an .npz archive (a zip of arrays, as numpy.savez writes)")
     try:
         with np.load(p, allow_pickle=False) as archive:
             data = {k: archive[k] for k in archive.files}

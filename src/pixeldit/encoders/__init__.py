@@ -16,7 +16,7 @@ from flax import nnx
 
 from pixeldit.encoders.dinov2 import DINOv2, DINOv2Config, DINOv2Encoder, load_dinov2
 
-__all__ = ["DINOv2", "DINOv2Config", "DINOv2Encoder", "PatchEncoder", "TinyEncoder", "load_dinov2"]
+__all__ = ["DINOv2", "DINOv2Config", "DINOv2Encoder", "PatchEncoder", "TinyEncoder", "build_encoder", "load_dinov2"]
 
 
 @runtime_checkable
@@ -41,3 +41,15 @@ class TinyEncoder(nnx.Module):
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p*p*3)
         return jax.lax.stop_gradient(jnp.tanh(self.proj(x)))
+
+
+def build_encoder(spec: str, *, dim: int, base_patch_size: int, dtype: str = "float32") -> nnx.Module:
+    """The frozen REPA encoder a run names: ``"tiny"`` (:class:`TinyEncoder`, one token per model
+    patch) or the path of DINOv2 weights (:class:`DINOv2Encoder`, matmuls in ``dtype``; the reference
+    runs its encoder in bfloat16).  Its token width must be ``dim`` (the REPA projector's output)."""
+    if spec == "tiny":
+        return TinyEncoder(patch_size=base_patch_size, dim=dim, rngs=nnx.Rngs(0))
+    encoder = DINOv2Encoder(load_dinov2(spec, dtype=dtype), base_patch_size=base_patch_size)
+    if encoder.model.config.dim != dim:
+        raise ValueError(f"REPA encoder_dim is {dim} but the DINOv2 weights in {spec} give {encoder.model.config.dim}-wide tokens")
+    return encoder

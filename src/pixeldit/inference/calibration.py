@@ -223,5 +223,6 @@ def likelihood_correlation(emulator: Emulator, fields, low=grf.PRIOR_LOW, high=g
     learned = np.concatenate([log_prob(emulator, fields[i:i + batch], grids[i:i + batch], **log_prob_options).value
                               for i in range(0, len(fields), batch)])
     r = np.array([np.corrcoef(a, b)[0, 1] for a, b in zip(learned, exact)])
-    return {"r": r, "mean_r": float(np.mean(r)), "exact_spread": exact.std(axis=1), "learned_spread": learned.std(axis=1),
+    return {"r": r, "mean_r": float(np.mean(r)), "exact_spread": exact.std(axis=1),
+            "learned_spread": learned.std(axis=1),
             "thetas": grids, "exact": exact, "learned": learned}

@@ -40,7 +40,8 @@ def corner_plot(samples, *, names=None, truth=None, exact_samples=None, path=Non
     ranges = list(zip(lo - pad, hi + pad))
     levels = (0.393, 0.865)  # the 1- and 2-sigma contours of a 2-D Gaussian
     k = samples.shape[1]
-    fig = corner.corner(samples, fig=_figure((2.5 * k + 1, 2.5 * k + 1)), labels=names, truths=truth, range=ranges, levels=levels, color="C0",
+    fig = corner.corner(samples, fig=_figure((2.5 * k + 1, 2.5 * k + 1)), labels=names, truths=truth, range=ranges,
+                        levels=levels, color="C0",
                         plot_datapoints=False, fill_contours=False, smooth=1.0, hist_kwargs={"density": True})
     if exact_samples is not None:
         corner.corner(np.asarray(exact_samples), fig=fig, range=ranges, levels=levels, color="C3",

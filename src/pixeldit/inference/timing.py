@@ -3,8 +3,9 @@
 Numbers only mean something with the machine and its load named next to them.  Each
 function compiles first (one untimed call on the same shapes), then times ``repeats`` calls
 and reports the best (``repeats = 0``: the first call alone), the usual way to measure a
-shared machine.  The cost of a log-likelihood is (solver steps) x (6 Tsit5 stages) x (one velocity + divergence evaluation),
-and the step count depends on the trained velocity, so time a trained model when comparing.
+shared machine.  The cost of a log-likelihood is (solver steps) x (6 Tsit5 stages) x (one
+velocity + divergence evaluation), and the step count depends on the trained velocity, so time
+a trained model when comparing.
 """
 
 from __future__ import annotations
@@ -87,5 +88,6 @@ def time_grid_posterior(emulator: Emulator, size: int = 32, *, seed: int = 0, pr
     start, cpu_start = time.perf_counter(), time.process_time()
     post = grid_posterior(ll, grf.PRIOR_LOW, grf.PRIOR_HIGH, **grid_options)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"size": size, "seconds": seconds, "cpu_seconds": cpu, "evaluations": post.num_evaluations, "mean": post.mean.tolist(),
+    return {"size": size, "seconds": seconds, "cpu_seconds": cpu, "evaluations": post.num_evaluations,
+            "mean": post.mean.tolist(),
             "std": post.std.tolist()}

@@ -28,10 +28,13 @@ from pixeldit.training.config import (
     COMPUTE_DTYPES,
     RESUME_FREE_MODEL_FIELDS,
     RESUME_FREE_TRAIN_FIELDS,
+    RESUME_OPTIMIZER_FIELDS,
     TrainConfig,
     effective_model_config,
 )
-from pixeldit.training.loop import NonFiniteLossError, TrainResult, train
+from pixeldit.training.fallback import DAMAGED_SUBDIR
+from pixeldit.training.lock import WorkdirLockedError, workdir_lock
+from pixeldit.training.loop import Interrupted, NonFiniteLossError, TrainResult, train
 from pixeldit.training.metrics import METRICS_FILE, read_metrics
 from pixeldit.training.optim import clip_by_global_norm, lr_schedule, make_optimizer
 from pixeldit.training.state import (
@@ -41,6 +44,7 @@ from pixeldit.training.state import (
     create_sharded_train_state,
     create_train_state,
     ema_model,
+    projector_graphdef,
     train_model,
 )
 from pixeldit.training.step import (
@@ -58,16 +62,20 @@ __all__ = [
     "CONFIG_FILE",
     "Checkpoint",
     "IncompatibleCheckpointError",
+    "Interrupted",
     "METRICS_FILE",
     "NonFiniteLossError",
     "RESUME_FREE_MODEL_FIELDS",
     "RESUME_FREE_TRAIN_FIELDS",
+    "RESUME_OPTIMIZER_FIELDS",
     "TrainConfig",
     "TrainResult",
+    "WorkdirLockedError",
     "TrainState",
     "abstract_sharded_state",
     "abstract_train_state",
     "check_compatible",
+    "DAMAGED_SUBDIR",
     "checkpoint_items",
     "checkpoint_manager",
     "clip_by_global_norm",
@@ -84,6 +92,7 @@ __all__ = [
     "make_train_step",
     "make_train_step_fn",
     "prepare_batch",
+    "projector_graphdef",
     "read_checkpoint_meta",
     "read_metrics",
     "restore_sharded_train_state",
@@ -94,4 +103,5 @@ __all__ = [
     "shared_train_step",
     "train",
     "train_model",
+    "workdir_lock",
 ]

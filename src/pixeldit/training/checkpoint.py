@@ -18,6 +18,7 @@ Layout of a run directory (``workdir`` given to :func:`pixeldit.training.train`)
           ema_params/      # float32 EMA weights, same tree
           opt_state/       # optax state of chain(clip_by_global_norm, adamw), moments as same tree
           extra/           # {"step", "rng" (raw uint32 key data), "model_state"}
+          repa/            # REPA runs only: {"params", "opt_state"} of the alignment projector
           meta/            # JSON: model_config, train_config, dataset, step
           _CHECKPOINT_METADATA, commit_success.txt
 
@@ -37,8 +38,10 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +53,13 @@ from jax.sharding import Mesh
 from pixeldit.flat import ParamLayout
 from pixeldit.model import PixelDiTConfig, build_model, config_from_dict
 from pixeldit.parallel import param_spec
-from pixeldit.training.config import RESUME_FREE_MODEL_FIELDS, RESUME_FREE_TRAIN_FIELDS, TrainConfig
+from pixeldit.training.config import (
+    RESUME_FREE_MODEL_FIELDS,
+    RESUME_FREE_TRAIN_FIELDS,
+    RESUME_OPTIMIZER_FIELDS,
+    TrainConfig,
+)
+from pixeldit.training.fallback import newest_readable
 from pixeldit.training.state import TrainState, abstract_sharded_state
 
 __all__ = [
@@ -65,6 +74,8 @@ __all__ = [
     "json_roundtrip",
     "latest_checkpoint_step",
     "load_checkpoint",
+    "newest_intact",
+    "quiet_orbax",
     "read_checkpoint_meta",
     "read_meta",
     "restore_sharded_train_state",
@@ -78,11 +89,12 @@ CONFIG_FILE = "config.json"
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence orbax's notices about read-only managers (warnings logged through absl) while reading."""
+def quiet_orbax():
+    """Silence orbax's logging through absl while reading: notices about read-only managers, and the
+    errors it logs itself about a damaged file (:func:`newest_intact` reports those in one line)."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -144,7 +156,7 @@ def checkpoint_manager(workdir: str | os.PathLike, *, keep: int = 3, read_only: 
     )
     return ocp.CheckpointManager(
         directory,
-        item_names=("params", "ema_params", "opt_state", "extra", "meta"),
+        item_names=("params", "ema_params", "opt_state", "extra", "repa", "meta"),
         options=options,
     )
 
@@ -192,12 +204,15 @@ def checkpoint_items(state: TrainState) -> dict[str, Any]:
     def tree(flat):
         return _converter(state.layout, flat.sharding, True)(flat)
 
-    return {
+    items = {
         "params": tree(state.flat_params),
         "ema_params": tree(state.flat_ema),
         "opt_state": _map_flat(state.layout, tree, state.opt_state),
         "extra": _extra(state),
     }
+    if state.repa is not None:  # REPA runs: the projector and its AdamW state, an item of its own
+        items["repa"] = state.repa
+    return items
 
 
 def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mapping[str, Any]) -> int:
@@ -213,6 +228,7 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mappi
         return step
     meta = json_roundtrip(dict(meta, step=step))
     items = checkpoint_items(state)
+    _test_pause(step)
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -223,6 +239,15 @@ def save_train_state(mngr: ocp.CheckpointManager, state: TrainState, meta: Mappi
     )
     mngr.wait_until_finished()
     return step
+
+
+def _test_pause(step: int) -> None:
+    """Test hook: with ``PIXELDIT_TEST_SAVE_PAUSE=<seconds>`` every save prints one line to stderr and
+    waits, so that a test can send a signal while a save is under way."""
+    pause = os.environ.get("PIXELDIT_TEST_SAVE_PAUSE")
+    if pause:
+        print(f"test hook: pausing in the save of step {step}", file=sys.stderr, flush=True)
+        time.sleep(float(pause))
 
 
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: TrainState) -> TrainState:
@@ -243,6 +268,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: 
             ema_params=ocp.args.StandardRestore(target(abstract_state.flat_ema)),
             opt_state=ocp.args.StandardRestore(_map_flat(layout, target, abstract_state.opt_state)),
             extra=ocp.args.StandardRestore(_extra(abstract_state)),
+            **({} if abstract_state.repa is None else {"repa": ocp.args.StandardRestore(abstract_state.repa)}),
         ),
     )
 
@@ -256,6 +282,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_state: 
         opt_state=_map_flat(layout, flat, abstract_state.opt_state, r.opt_state),
         rng=r.extra["rng"],
         model_state=r.extra["model_state"],
+        repa=None if abstract_state.repa is None else r.repa,
     )
 
 
@@ -263,6 +290,14 @@ def restore_sharded_train_state(mngr: ocp.CheckpointManager, step: int, model_co
                                 mesh: Mesh, fsdp: bool = False, **kw) -> TrainState:
     """Restore checkpoint ``step`` directly onto ``mesh`` (whatever layout it was saved from)."""
     return restore_train_state(mngr, step, abstract_sharded_state(model_config, train_config, mesh, fsdp, **kw))
+
+
+def newest_intact(mngr: ocp.CheckpointManager, read: Callable[[int], Any], step: int | None = None, *,
+                  then: str = "using an older one", warn: bool = True) -> tuple[int, Any]:
+    """``(step, read(step))`` for the newest checkpoint of ``mngr`` that ``read`` can read
+    (:func:`pixeldit.training.fallback.newest_readable`; an incompatible one is not skipped)."""
+    return newest_readable(mngr.directory, mngr.all_steps(), read, step, then=then,
+                           passthrough=(IncompatibleCheckpointError,), warn=warn)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -274,19 +309,17 @@ def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
     """Latest committed checkpoint step in ``workdir`` (None if there is none)."""
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         return None
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
         return mngr.latest_step()
 
 
-def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """JSON metadata (model_config, train_config, dataset, step) of a checkpoint."""
+def read_checkpoint_meta(workdir: str | os.PathLike, step: int | None = None, *, warn: bool = True) -> dict[str, Any]:
+    """JSON metadata (model_config, train_config, dataset, step) of a checkpoint (default: the newest
+    whose metadata can be read; ``warn=False``: skip a damaged one without the warning line)."""
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoints in {workdir}")
-        return read_meta(mngr, step)
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
+        return newest_intact(mngr, functools.partial(read_meta, mngr), step, warn=warn)[1]
 
 
 def _diff_dicts(prefix: str, old: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[str]:
@@ -315,13 +348,17 @@ def check_compatible(saved_meta: Mapping[str, Any], new_meta: Mapping[str, Any],
     """Raise :class:`IncompatibleCheckpointError` listing every differing field.
 
     Compares the model configs (except :data:`RESUME_FREE_MODEL_FIELDS`), the
-    train configs (except :data:`RESUME_FREE_TRAIN_FIELDS`) and, if
+    train configs (except :data:`RESUME_FREE_TRAIN_FIELDS` and :data:`RESUME_OPTIMIZER_FIELDS`) and, if
     ``check_dataset``, the dataset descriptions.
     """
     saved, new = json_roundtrip(dict(saved_meta)), json_roundtrip(dict(new_meta))
     saved_model, new_model = (_normalized_model_config(m.get("model_config", {})) for m in (saved, new))
     diffs = _diff_dicts("model", saved_model, new_model, RESUME_FREE_MODEL_FIELDS)
-    diffs += _diff_dicts("train", saved.get("train_config", {}), new.get("train_config", {}), RESUME_FREE_TRAIN_FIELDS)
+    saved_train, new_train = saved.get("train_config", {}), new.get("train_config", {})
+    diffs += _diff_dicts("train", saved_train, new_train, RESUME_FREE_TRAIN_FIELDS | RESUME_OPTIMIZER_FIELDS)
+    if "grad_clip" in saved_train and (saved_train["grad_clip"] is None) != (new_train.get("grad_clip") is None):
+        diffs.append(f"train.grad_clip: checkpoint={saved_train['grad_clip']!r} requested={new_train.get('grad_clip')!r} "
+                     "(clipping can change its bound on resume, not be switched on or off)")
     if check_dataset:
         so, no = saved.get("dataset"), new.get("dataset")
         if isinstance(so, dict) and isinstance(no, dict):
@@ -368,44 +405,46 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None, ema: bo
 
     Args:
       workdir: the directory given to :func:`pixeldit.training.train` (or to a conversion).
-      step: checkpoint step (default: latest).
+      step: checkpoint step (default: the newest readable one; a damaged newer one is skipped
+        with one warning line, see :func:`newest_intact`).
       ema: load the EMA weights (default) or the raw training weights.
 
     Only the requested weights are read (not the optimiser state).
     """
     if not (Path(workdir) / CHECKPOINT_SUBDIR).exists():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
-    with _quiet(), checkpoint_manager(workdir, read_only=True) as mngr:
-        step = mngr.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoints in {workdir}")
-        if step not in mngr.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available: {list(mngr.all_steps())}")
-        meta = read_meta(mngr, step)
-        model_config = config_from_dict(meta["model_config"])
-        abstract_model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
-        graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-        def sds(a, dtype=None):
-            return jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding)
-
-        abs_params = jax.tree.map(lambda a: sds(a, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else sds(a), abs_params)
-        abs_extra = {
-            "step": sds(jax.ShapeDtypeStruct((), jnp.int32)),
-            "rng": sds(jax.ShapeDtypeStruct((2,), jnp.uint32)),
-            "model_state": jax.tree.map(sds, abs_rest),
-        }
-        item = "ema_params" if ema else "params"
-        r = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(abs_params)},
-                extra=ocp.args.StandardRestore(abs_extra),
-            ),
-        )
-    model = nnx.merge(graphdef, r[item], r.extra["model_state"])
+    with quiet_orbax(), checkpoint_manager(workdir, read_only=True) as mngr:
+        step, (model, model_config, meta) = newest_intact(
+            mngr, functools.partial(_read_model, mngr, ema=ema), None if step is None else int(step))
     return Checkpoint(model=model, model_config=model_config, meta=meta, step=step, ema=ema)
+
+
+def _read_model(mngr: ocp.CheckpointManager, step: int, *, ema: bool) -> tuple[nnx.Module, PixelDiTConfig, dict]:
+    """``(model, model_config, meta)`` of checkpoint ``step``: the (EMA or raw) weights and model state only."""
+    meta = read_meta(mngr, step)
+    model_config = config_from_dict(meta["model_config"])
+    abstract_model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def sds(a, dtype=None):
+        return jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding)
+
+    abs_params = jax.tree.map(lambda a: sds(a, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else sds(a), abs_params)
+    abs_extra = {
+        "step": sds(jax.ShapeDtypeStruct((), jnp.int32)),
+        "rng": sds(jax.ShapeDtypeStruct((2,), jnp.uint32)),
+        "model_state": jax.tree.map(sds, abs_rest),
+    }
+    item = "ema_params" if ema else "params"
+    r = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(abs_params)},
+            extra=ocp.args.StandardRestore(abs_extra),
+        ),
+    )
+    return nnx.merge(graphdef, r[item], r.extra["model_state"]), model_config, meta
 
 
 def save_model_checkpoint(model: nnx.Module, workdir: str | os.PathLike, *, image_shape: Sequence[int] | None,

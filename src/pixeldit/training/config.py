@@ -8,11 +8,13 @@ from typing import Any, Literal, Mapping
 
 from pixeldit import flow
 from pixeldit.parallel import validate_mesh_spec
+from pixeldit.repa import REPAConfig
 
 __all__ = [
     "COMPUTE_DTYPES",
     "RESUME_FREE_MODEL_FIELDS",
     "RESUME_FREE_TRAIN_FIELDS",
+    "RESUME_OPTIMIZER_FIELDS",
     "TrainConfig",
     "effective_model_config",
     "numerics_key",
@@ -23,8 +25,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 #: TrainConfig fields that may change between a checkpoint and a resumed run
 #: (they do not affect the optimisation trajectory or the state's structure).
 RESUME_FREE_TRAIN_FIELDS = frozenset(
-    {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat", "mesh", "fsdp"}
+    {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "remat", "mesh", "fsdp", "logger"}
 )
+#: Optimiser settings a resumed run may change, e.g. a lower ``lr`` after a divergence (they change
+#: the trajectory from the checkpoint on, not the state's structure; ``grad_clip`` may change
+#: between values but not to or from None, which adds or drops a transform of the optimiser).
+RESUME_OPTIMIZER_FIELDS = frozenset({"lr", "warmup_steps", "grad_clip", "ema_decay"})
 #: Model config fields that may change on resume (memory/compute trade-offs only).
 RESUME_FREE_MODEL_FIELDS = frozenset({"remat", "scan_unroll"})
 
@@ -65,6 +71,11 @@ class TrainConfig:
       fsdp: shard parameters, EMA and optimiser moments over the mesh (FSDP)
         instead of replicating them; implied by a mesh with an ``fsdp`` axis.
         ``mesh`` and ``fsdp`` may change when resuming.
+      repa: REPA alignment (:class:`pixeldit.repa.REPAConfig`, or its fields as a dict); ``None``
+        trains with the flow loss alone.  The projector trains in the same AdamW (and the same
+        global-norm clipping) as the model, outside the EMA.
+      logger: ``"jsonl"`` (``metrics.jsonl`` only), ``"tensorboard"`` or ``"wandb"`` (both beside
+        ``metrics.jsonl``; see :mod:`pixeldit.training.loggers`); may change when resuming.
     """
 
     batch_size: int = 32
@@ -90,8 +101,17 @@ class TrainConfig:
     remat: bool | Literal["dots"] | None = None
     mesh: str | None = None
     fsdp: bool = False
+    repa: REPAConfig | None = None
+    logger: str = "jsonl"
 
     def __post_init__(self):
+        if isinstance(self.repa, Mapping):
+            names = {f.name for f in dataclasses.fields(REPAConfig)}
+            if set(self.repa) - names:
+                raise ValueError(f"unknown REPA fields {sorted(set(self.repa) - names)}; expected some of {sorted(names)}")
+            object.__setattr__(self, "repa", REPAConfig(**self.repa))
+        if self.repa is not None and not isinstance(self.repa, REPAConfig):
+            raise ValueError(f"repa must be a REPAConfig, a table of its fields or None, got {self.repa!r}")
         betas = tuple(float(b) for b in self.betas)
         object.__setattr__(self, "betas", betas)
         if isinstance(self.mesh, int) and not isinstance(self.mesh, bool):
@@ -127,6 +147,8 @@ class TrainConfig:
         need(self.remat is None or isinstance(self.remat, bool) or self.remat == "dots",
              f"remat must be None, true, false or \"dots\", got {self.remat!r}")
         need(isinstance(self.fsdp, bool), f"fsdp must be a bool, got {self.fsdp!r}")
+        need(self.logger in ("jsonl", "tensorboard", "wandb"),
+             f"logger must be \"jsonl\", \"tensorboard\" or \"wandb\", got {self.logger!r}")
         if self.mesh is not None:
             try:
                 need(isinstance(self.mesh, str), f"mesh must be a string like 'data:4' or None, got {self.mesh!r}")

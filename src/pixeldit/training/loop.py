@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,13 +27,18 @@ from pixeldit.training.checkpoint import (
     checkpoint_manager,
     describe_dataset,
     json_roundtrip,
+    newest_intact,
+    quiet_orbax,
     read_meta,
     restore_train_state,
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
+from pixeldit.training.loggers import MetricsLogger, open_logger
 from pixeldit.training.datastate import restore_data_state, stream_of, with_data_state
-from pixeldit.training.metrics import append_metrics, atomic_write_text, truncate_metrics
+from pixeldit.training.fallback import DAMAGED_SUBDIR, move_aside
+from pixeldit.training.lock import workdir_lock
+from pixeldit.training.metrics import append_metrics, atomic_write_text, move_metrics_aside, truncate_metrics
 from pixeldit.training.state import (
     TrainState,
     abstract_train_state,
@@ -42,7 +50,7 @@ from pixeldit.training.step import prepare_batch, shared_sharded_train_step, sha
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "TrainResult", "train"]
 
 Callback = Callable[[int, nnx.Module], Any]
 
@@ -53,6 +61,51 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint at ``step``.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops here too; ``signum`` says which
+    signal came (the ``pixeldit`` command exits with ``128 + signum``: 130 or 143).
+    """
+
+    def __init__(self, signum: int, step: int | None):
+        saved = f"checkpoint saved at step {step}" if step is not None else "no checkpoint could be saved"
+        super().__init__(f"{signal.Signals(signum).name}: {saved}")
+        self.signum, self.step = signum, step
+
+
+class _Signals:
+    """While active (main thread only), SIGINT and SIGTERM set :attr:`received` instead of raising.
+
+    The loop checks it between steps: it finishes the step and any save under way, saves and
+    stops.  A second signal during that save only says to wait; exceptions raised inside orbax's
+    write would leave a half-written temporary directory and no checkpoint of this step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            log.warning("%s received: finishing this step, then saving a checkpoint and stopping", name)
+        else:
+            log.warning("%s received: still saving the checkpoint, please wait", name)
 
 
 @dataclasses.dataclass
@@ -85,6 +138,8 @@ def train(
     progress: bool = True,
     check_dataset: bool = True,
     model_fn: Callable[[], nnx.Module] | None = None,
+    encoder: nnx.Module | None = None,
+    logger: MetricsLogger | None = None,
 ) -> TrainResult:
     """Train (or resume training) until ``train_config.steps``; returns a :class:`TrainResult`.
 
@@ -97,8 +152,10 @@ def train(
 
     Checkpoints are saved every ``checkpoint_every`` steps and at the end.  A non-finite loss or
     gradient norm raises :class:`NonFiniteLossError` naming the step, without saving (the last
-    good checkpoint stays the latest).  ``KeyboardInterrupt`` saves a checkpoint at the current
-    step, then re-raises.
+    good checkpoint stays the latest).  SIGINT (Ctrl-C) and SIGTERM (what schedulers send on
+    preemption) let the current step and any save under way finish, save a checkpoint and its
+    metrics record at that step, then raise :class:`Interrupted` (a ``KeyboardInterrupt``); a
+    ``KeyboardInterrupt`` raised otherwise (e.g. by the dataset) also saves, then re-raises.
 
     Args:
       model_config: model config (:class:`pixeldit.model.PixelDiTConfig`).
@@ -112,6 +169,10 @@ def train(
       check_dataset: include the dataset description in the resume check.
       model_fn: optional zero-argument builder used instead of
         ``pixeldit.model.build_model(model_config, rngs=nnx.Rngs(seed))``.
+      encoder: the frozen REPA encoder (:class:`pixeldit.encoders.PatchEncoder` module), needed
+        when ``train_config.repa`` is set; its weights go to the step as an argument.
+      logger: where the logged metrics also go (:mod:`pixeldit.training.loggers`); the caller
+        closes it.  ``None``: ``train_config.logger``'s, opened and closed here.
 
     Sharding: with ``train_config.mesh`` set, the state is created (or restored, from a checkpoint
     of any layout) directly on that device mesh, data parallel or FSDP (``train_config.fsdp``),
@@ -119,6 +180,9 @@ def train(
     :func:`pixeldit.parallel.shard_batch`.  Multi-host runs are started by
     :func:`pixeldit.parallel.initialize_distributed` (environment variables); only process 0
     writes ``config.json``, metrics and the progress bar.
+
+    One training process per workdir: a second one raises
+    :class:`~pixeldit.training.lock.WorkdirLockedError` naming the holder's PID and host.
     """
     t_start = time.perf_counter()
     tc, workdir = train_config, Path(workdir)
@@ -127,23 +191,39 @@ def train(
     meta = json_roundtrip({"model_config": cfg.to_dict(), "train_config": tc.to_dict(), "dataset": describe_dataset(dataset)})
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
-    with checkpoint_manager(workdir, keep=tc.keep_checkpoints) as mngr:
-        state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
+    with workdir_lock(workdir) if is_main else contextlib.nullcontext():
+        return _train(cfg, tc, dataset, workdir, meta, (mesh, fsdp), callbacks, progress, check_dataset, model_fn,
+                      is_main, t_start, encoder=encoder, logger=logger)
+
+
+def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callbacks, progress: bool,
+           check_dataset: bool, model_fn, is_main: bool, t_start: float, *, encoder=None, logger=None) -> TrainResult:
+    """:func:`train` once the workdir lock is held."""
+    mesh, fsdp = mesh_fsdp
+    with quiet_orbax():  # orbax logs its own errors about a damaged checkpoint; _init_or_resume reports them
+        mngr = checkpoint_manager(workdir, keep=tc.keep_checkpoints)
+    with mngr:
+        with quiet_orbax():
+            state, shardings = _init_or_resume(mngr, cfg, tc, meta, mesh, fsdp, model_fn, check_dataset, dataset)
         if is_main:
             atomic_write_text(workdir / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        enc_graphdef, enc_state = _split_encoder(tc, encoder, mesh)
         if mesh is None:
             # Commit every leaf to one explicit sharding so that fresh and restored states hit
             # the same compiled executable (uncommitted vs committed inputs compile separately).
             state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            step_fn, traces = shared_train_step(state.graphdef, tc, cfg.dtype)
+            step_fn, traces = shared_train_step(state.graphdef, tc, cfg.dtype, enc_graphdef)
             put_batch = prepare_batch
         else:
             state = jax.device_put(state, shardings or parallel.state_shardings(state, mesh, fsdp))
-            step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype)
+            step_fn, traces = shared_sharded_train_step(state, tc, mesh, fsdp, cfg.dtype, encoder_graphdef=enc_graphdef)
             put_batch = functools.partial(parallel.shard_batch, mesh=mesh, process_local=_process_local(dataset))
+        if enc_graphdef is not None:
+            step_fn = functools.partial(_with_encoder, step_fn, enc_state)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
-        loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start)
-        state = loop.run(state, step_fn, put_batch, dataset)
+        loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start, logger)
+        with _Signals() as signals:
+            state = loop.run(state, step_fn, put_batch, dataset, signals)
         if traces[0] - traces_before > 1:
             warnings.warn(f"the train step was traced {traces[0] - traces_before} times; check batch shapes/dtypes",
                           stacklevel=2)
@@ -165,6 +245,21 @@ def train(
             "traces": traces[0] - traces_before,
         }
     return TrainResult(state=state, summary=summary)
+
+
+def _split_encoder(tc: TrainConfig, encoder: nnx.Module | None, mesh) -> tuple[Any, Any]:
+    """``(graphdef, weights on the devices)`` of the frozen REPA encoder, ``(None, None)`` without REPA."""
+    if tc.repa is None:
+        return None, None
+    if encoder is None:
+        raise ValueError("train_config.repa is set but no encoder was given (train(..., encoder=...))")
+    graphdef, weights = nnx.split(encoder)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else parallel.replicated(mesh)
+    return graphdef, jax.device_put(weights, sharding)
+
+
+def _with_encoder(step_fn, encoder_state, state, batch):
+    return step_fn(state, batch, encoder_state)
 
 
 def _mesh(tc: TrainConfig) -> tuple[Any, bool]:
@@ -189,24 +284,37 @@ def _process_local(dataset) -> bool:
 
 
 def _init_or_resume(mngr, cfg, tc: TrainConfig, meta, mesh, fsdp: bool, model_fn, check_dataset: bool, dataset):
-    """``(state, shardings)``: restored from the latest checkpoint (after the resume check, with a
-    streaming dataset put at the checkpoint's position) or fresh."""
-    latest = mngr.latest_step()
-    if latest is None:
+    """``(state, shardings)``: restored from the newest readable checkpoint (after the resume check,
+    with a streaming dataset put at the checkpoint's position) or fresh.  Unreadable newer
+    checkpoints are reported and moved to ``workdir/damaged_checkpoints``."""
+    if mngr.latest_step() is None:
+        if jax.process_index() == 0 and (old := move_metrics_aside(mngr.directory.parent)) is not None:
+            log.warning("no checkpoint to resume from: starting at step 0; the old metrics are kept as %s", old)
         if mesh is not None:
             return create_sharded_train_state(cfg, tc, mesh, fsdp, model_fn=model_fn), None
         return create_train_state(cfg, tc, model=model_fn() if model_fn is not None else None), None
-    saved = read_meta(mngr, latest)
-    check_compatible(saved, meta, check_dataset=check_dataset)
-    restore_data_state(dataset, saved, latest)
     pad = parallel.fsdp_size(mesh, fsdp) if mesh is not None else 1
     abstract, shardings = abstract_train_state(cfg, tc, model_fn=model_fn, pad_multiple=pad), None
     if mesh is not None:  # read each device's slice straight into the target layout
         shardings = parallel.state_shardings(abstract, mesh, fsdp)
         abstract = parallel.with_shardings(abstract, shardings)
-    state = restore_train_state(mngr, latest, abstract)
+
+    def read(step):
+        saved = read_meta(mngr, step)
+        check_compatible(saved, meta, check_dataset=check_dataset)
+        return saved, restore_train_state(mngr, step, abstract)
+
+    workdir = Path(mngr.directory).parent
+    latest, (saved, state) = newest_intact(mngr, read, then=f"moved to {workdir / DAMAGED_SUBDIR}, resuming from an older one")
+    restore_data_state(dataset, saved, latest)
+    damaged = [s for s in mngr.all_steps() if s > latest]
+    if damaged and jax.process_index() == 0:
+        for s in damaged:
+            move_aside(mngr.directory, s)
+    if damaged:
+        mngr.reload()
     if jax.process_index() == 0:
-        truncate_metrics(Path(mngr.directory).parent, latest)
+        truncate_metrics(workdir, latest)
     log.info("resumed from %s at step %d", Path(mngr.directory) / str(latest), latest)
     return state, shardings
 
@@ -216,18 +324,23 @@ class _Loop:
     host overlaps the device), logs metrics, saves checkpoints and calls the callbacks."""
 
     def __init__(self, mngr, meta, tc: TrainConfig, workdir: Path, callbacks, progress: bool, is_main: bool,
-                 start: int, t_start: float):
+                 start: int, t_start: float, logger: MetricsLogger | None = None):
         self.mngr, self.meta, self.tc, self.workdir, self.is_main = mngr, meta, tc, workdir, is_main
+        self.own_logger = logger is None  # opened here, closed at the end of run()
+        self.logger = logger if logger is not None else open_logger(tc.logger, workdir, meta) if is_main else MetricsLogger()
         self.callbacks = [] if callbacks is None else [callbacks] if callable(callbacks) else list(callbacks)
         self.losses: list[float] = []
+        self.last: tuple[int, dict[str, float]] | None = None  # the newest checked step and its metrics
         self.start, self.t0 = start, t_start  # t0: when train() began (the metrics' "time")
         self.log_t, self.log_step = time.perf_counter(), start
         self.pbar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True, desc="train")
 
-    def run(self, state, step_fn, put_batch, dataset):
+    def run(self, state, step_fn, put_batch, dataset, signals: _Signals):
         tc, pending = self.tc, None  # pending: (step, device metrics) not yet checked
         try:
             for s in range(self.start, tc.steps):
+                if signals.received is not None:
+                    break
                 state, metrics = step_fn(state, put_batch(dataset.get_batch(s, tc.batch_size)))
                 n = s + 1
                 if pending is not None:
@@ -250,12 +363,20 @@ class _Loop:
                     del model
             if pending is not None:
                 self.check(*pending)
+                pending = None
+            if signals.received is not None:
+                step = self.save_on_interrupt(state, None, dataset, quiet=True)
+                raise Interrupted(signals.received, step)
             return state
+        except Interrupted:
+            raise
         except KeyboardInterrupt:
             self.save_on_interrupt(state, pending, dataset)
             raise
         finally:
             self.pbar.close()
+            if self.own_logger:
+                self.logger.close()
 
     def check(self, n: int, metrics) -> dict[str, float]:
         """Metrics of step ``n`` on the host; raises :class:`NonFiniteLossError` on NaN/inf."""
@@ -269,30 +390,40 @@ class _Loop:
                 n,
             )
         self.losses.append(host["loss"])
+        self.last = (n, host)
         self.pbar.update(1)
         return host
 
     def log(self, n: int, host: dict[str, float]) -> None:
         now = time.perf_counter()
-        append_metrics(self.workdir, {
+        record = {
             "step": n,
             "loss": host["loss"],
             "grad_norm": host["grad_norm"],
             "lr": host["lr"],
+            **{k: v for k, v in host.items() if k not in ("loss", "grad_norm", "lr")},  # loss parts (REPA)
             "steps_per_sec": (n - self.log_step) / max(now - self.log_t, 1e-9),
             "time": now - self.t0,
             "timestamp": time.time(),
-        })
+        }
+        append_metrics(self.workdir, record)
+        self.logger.scalars(n, {k: v for k, v in record.items() if k not in ("step", "time", "timestamp")})
         self.log_t, self.log_step = now, n
         self.pbar.set_postfix(loss=f"{host['loss']:.4g}", refresh=False)
 
-    def save_on_interrupt(self, state, pending, dataset) -> None:
+    def save_on_interrupt(self, state, pending, dataset, quiet: bool = False) -> int | None:
+        """Save ``state`` (and its metrics record, if not logged yet); returns the step saved
+        (``quiet``: the caller reports it)."""
         try:
             if pending is not None:
                 self.check(*pending)
-            saved = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
-            log.warning("interrupted: saved checkpoint at step %d", saved)
+            if self.is_main and self.last is not None and self.last[0] != self.log_step:
+                self.log(*self.last)
+            step = save_train_state(self.mngr, state, with_data_state(self.meta, dataset))
+            (log.info if quiet else log.warning)("interrupted: saved checkpoint at step %d", step)
+            return step
         except NonFiniteLossError as e:
             log.error("interrupted after a non-finite step; not saving: %s", e)
         except Exception as e:  # e.g. state buffers already donated
             log.error("interrupted: could not save a checkpoint: %s", e)
+        return None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["METRICS_FILE", "append_metrics", "atomic_write_text", "read_metrics", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "append_metrics", "atomic_write_text", "move_metrics_aside", "read_metrics",
+           "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -54,3 +56,17 @@ def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:
     kept = [r for r in records if int(r.get("step", 0)) <= step]
     if len(kept) != len(records) or path.read_text().count("\n") != len(records):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def move_metrics_aside(workdir: str | os.PathLike) -> Path | None:
+    """A fresh start in a workdir without checkpoints: keep an old ``metrics.jsonl`` (of a run
+    stopped before its first checkpoint) as ``metrics-<date>-<time>.jsonl``; returns its new path."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return None
+    dest = path.with_name(f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    n = 1
+    while dest.exists():
+        dest, n = path.with_name(f"metrics-{time.strftime('%Y%m%d-%H%M%S')}-{n}.jsonl"), n + 1
+    os.replace(path, dest)
+    return dest

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from pixeldit.flat import ParamLayout
 from pixeldit.model import build_model
 from pixeldit.parallel import DEFAULT_MIN_SHARD_SIZE, fsdp_size, state_shardings, with_shardings
+from pixeldit.repa import REPAConfig, REPAProjector
 from pixeldit.training.config import TrainConfig
 from pixeldit.training.optim import make_optimizer
 
@@ -47,7 +48,9 @@ class TrainState:
     :attr:`ema_params` give the per-leaf ``nnx.State`` views the model uses.
     ``graphdef`` and ``layout`` are static (part of the tree structure, not
     leaves).  ``rng`` is raw ``uint32`` key data (``jax.random.key_data``) so it
-    can be checkpointed.
+    can be checkpointed.  ``repa`` (REPA runs only, else ``None``) holds the alignment
+    projector's float32 parameters and their AdamW state: ``{"params": nnx.State, "opt_state"}``
+    (trained with the model, not averaged into the EMA).
     """
 
     step: jax.Array
@@ -58,6 +61,7 @@ class TrainState:
     model_state: nnx.State
     graphdef: Any = struct.field(pytree_node=False)
     layout: ParamLayout = struct.field(pytree_node=False)
+    repa: Any = None
 
     @property
     def params(self) -> nnx.State:
@@ -70,7 +74,23 @@ class TrainState:
         return self.layout.unflatten(self.flat_ema)
 
 
-def _state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed, pad_multiple: int = 1) -> TrainState:
+@functools.lru_cache(maxsize=8)
+def projector_graphdef(model_dim: int, repa: REPAConfig):
+    """The static graphdef of the REPA projector of a model ``model_dim`` wide (its parameters live in ``state.repa``)."""
+    return nnx.graphdef(nnx.eval_shape(lambda: REPAProjector.for_model(repa, model_dim, rngs=nnx.Rngs(0))))
+
+
+def _repa_state(model: nnx.Module, repa: REPAConfig | None, tx: optax.GradientTransformation, seed) -> Any:
+    """The projector's parameters (torch's Linear init, stream ``fold_in(key(seed), 2)``) and AdamW state."""
+    if repa is None:
+        return None
+    rngs = nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 2))
+    params = nnx.state(REPAProjector.for_model(repa, model.config.hidden_size, rngs=rngs), nnx.Param)
+    return {"params": params, "opt_state": tx.init(params)}
+
+
+def _state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed, pad_multiple: int = 1,
+                      repa: REPAConfig | None = None) -> TrainState:
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     layout = ParamLayout.of(params, pad_multiple)
     flat = layout.flatten(params)
@@ -84,11 +104,12 @@ def _state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed,
         model_state=model_state,
         graphdef=graphdef,
         layout=layout,
+        repa=_repa_state(model, repa, tx, seed),
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model_config: Any, clip: bool, pad_multiple: int):
+def _jitted_init(model_config: Any, clip: bool, pad_multiple: int, repa: REPAConfig | None = None):
     """The jitted initialiser ``seed -> TrainState``.
 
     The optimiser state's structure only depends on whether clipping is on, so every other
@@ -98,7 +119,7 @@ def _jitted_init(model_config: Any, clip: bool, pad_multiple: int):
 
     def init(seed):
         model = build_model(model_config, rngs=nnx.Rngs(jax.random.key(seed)))
-        return _state_from_model(model, tx, seed, pad_multiple)
+        return _state_from_model(model, tx, seed, pad_multiple, repa)
 
     return jax.jit(init)
 
@@ -124,12 +145,12 @@ def create_train_state(
     ``fold_in(key(seed), 1)``.
     """
     if model is None and tx is None:
-        init = _jitted_init(model_config, train_config.grad_clip is not None, pad_multiple)
+        init = _jitted_init(model_config, train_config.grad_clip is not None, pad_multiple, train_config.repa)
         return init(jnp.asarray(train_config.seed, jnp.int32))
     tx = tx if tx is not None else make_optimizer(train_config)
     if model is None:
         model = build_model(model_config, rngs=nnx.Rngs(train_config.seed))
-    return _state_from_model(model, tx, train_config.seed, pad_multiple)
+    return _state_from_model(model, tx, train_config.seed, pad_multiple, train_config.repa)
 
 
 def abstract_train_state(model_config: Any, train_config: TrainConfig, *, model_fn=None, pad_multiple: int = 1) -> TrainState:
@@ -162,13 +183,14 @@ def abstract_sharded_state(
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_sharded_init(model_config: Any, clip: bool, mesh: Mesh, fsdp: bool, min_shard_size: int):
-    train_config = TrainConfig() if clip else TrainConfig(grad_clip=None)
+def _jitted_sharded_init(model_config: Any, clip: bool, mesh: Mesh, fsdp: bool, min_shard_size: int,
+                         repa: REPAConfig | None = None):
+    train_config = TrainConfig(repa=repa) if clip else TrainConfig(grad_clip=None, repa=repa)
     pad = fsdp_size(mesh, fsdp)
     abstract = abstract_train_state(model_config, train_config, pad_multiple=pad)
     shardings = state_shardings(abstract, mesh, fsdp, min_shard_size=min_shard_size)
     # the same (cached, jitted) initialiser as create_train_state, nested in a jit with out_shardings
-    return jax.jit(_jitted_init(model_config, clip, pad), out_shardings=shardings)
+    return jax.jit(_jitted_init(model_config, clip, pad, repa), out_shardings=shardings)
 
 
 def create_sharded_train_state(
@@ -188,7 +210,8 @@ def create_sharded_train_state(
     depend on the sharding).
     """
     if model_fn is None:
-        init = _jitted_sharded_init(model_config, train_config.grad_clip is not None, mesh, bool(fsdp), min_shard_size)
+        init = _jitted_sharded_init(model_config, train_config.grad_clip is not None, mesh, bool(fsdp), min_shard_size,
+                                    train_config.repa)
         return init(jnp.asarray(train_config.seed, jnp.int32))
     pad = fsdp_size(mesh, fsdp)
     abstract = abstract_train_state(model_config, train_config, model_fn=model_fn, pad_multiple=pad)
