@@ -1,6 +1,7 @@
 """The ``pixeldit`` command: a thin typer layer over :mod:`pixeldit.runs`.
 
-Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``bench``, ``env``.  Each parses its arguments,
+Subcommands: ``train``, ``sample``, ``eval``, ``info``, ``convert``, ``infer``, ``calibrate``, ``likelihood``,
+``bench``, ``env``.  Each parses its arguments,
 calls one library function and prints the result; errors in configs, data or checkpoints are
 printed as one ``error:`` line (exit code 1).  Ctrl-C (SIGINT) or SIGTERM during training lets
 the step and any save under way finish, saves a checkpoint and exits with 130 or 143 (128 plus
@@ -10,6 +11,7 @@ finish; rerunning resumes).  More subcommands register on :data:`app`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+
+from pixeldit import cli_infer
 
 app = typer.Typer(
     name="pixeldit",
@@ -128,7 +132,7 @@ def train(
 ) -> None:
     """Train a model (resumes when WORKDIR already holds a checkpoint)."""
     from pixeldit import runs
-    from pixeldit.posterior_run import is_posterior_source
+    from pixeldit.posterior_run import is_posterior_source, train_posterior_source
     from pixeldit.runconfig import ConfigError, load_run_config
     from pixeldit.training import latest_checkpoint_step
 
@@ -138,7 +142,7 @@ def train(
         if workdir is not None and workdir.exists() and not workdir.is_dir():
             raise ConfigError(f"--workdir '{workdir}' is a file; give a directory (new or of a run to resume)")
         if is_posterior_source(config if config is not None else workdir):
-            return _train_posterior(config if config is not None else workdir, set_, data, workdir)
+            return train_posterior_source(config if config is not None else workdir, set_, data, workdir, typer.echo)
         run = load_run_config(config if config is not None else workdir, set_, data=data)
         wd = workdir if workdir is not None else Path("runs") / run.name
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
@@ -153,35 +157,14 @@ def train(
             raise typer.Exit(128 + signum) from None
 
     summary = _call(go)
-    if summary is None:  # a posterior run, reported by _train_posterior
-        return
+    if "message" in summary:  # an amortised posterior run
+        return typer.echo(summary["message"])
     typer.echo(
         f"done: step {summary['step']} ({summary['steps_run']} this run) in {summary['wall_time']:.1f} s, "
         f"{summary['steps_per_sec']:.2f} steps/s, final loss {summary['final_loss']}, "
         f"{summary['num_params']:,} parameters\n"
         f"checkpoint: {summary['checkpoint_path']}\nmetrics: {Path(summary['workdir']) / 'metrics.jsonl'}"
     )
-
-
-def _train_posterior(source: Any, set_: list[str], data: Optional[str], workdir: Optional[Path]) -> None:
-    """`pixeldit train` of an amortised posterior run config (``model.kind = "posterior"``)."""
-    from pixeldit.posterior_run import load_posterior_run, train_posterior_run
-    from pixeldit.runconfig import ConfigError
-
-    if data is not None:
-        raise ConfigError("--data does not apply to an amortised posterior run: it simulates GRF fields on the fly")
-    run = load_posterior_run(source, set_)
-    wd = workdir if workdir is not None else Path("runs") / run.name
-    typer.echo(f"run {run.name!r}: amortised posterior on simulated GRF fields, {run.train.steps} steps, workdir {wd}")
-    try:
-        s = train_posterior_run(run, wd, echo=typer.echo)
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        typer.echo(f"\ninterrupted ({signal.Signals(signum).name}): nothing saved (the posterior is saved at the end "
-                   "of training); run the same command again to start over", err=True)
-        raise typer.Exit(128 + signum) from None
-    typer.echo(f"done: {s['steps_done']} steps in {s['train_seconds']:.1f} s, final nll {s['final_nll']:.4f}, "
-               f"flow loss {s['final_flow']:.4f}\ncheckpoint: {s['checkpoint_path']}")
 
 
 @app.command()
@@ -324,6 +307,50 @@ def convert(
                    f"sample it with: pixeldit sample {res['workdir']}")
 
 
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a command of :mod:`pixeldit.cli_infer`) with this module's one-line error handling."""
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        return _call(lambda: fn(*args, **kwargs))
+
+    return command
+
+
+app.command("infer")(_guarded(cli_infer.infer))
+app.command("calibrate")(_guarded(cli_infer.calibrate))
+
+
+@app.command()
+def likelihood(
+    run: Path = typer.Argument(..., help="A theta-conditional run directory."),
+    observed: Path = typer.Option(..., "--observed", "-x", help=cli_infer.OBSERVED_HELP),
+    theta: str = typer.Option(..., "--theta", help="Theta rows, e.g. '0.5,2.0;-0.5,3.5'."),
+    divergence: str = typer.Option("hutchinson", "--divergence", help=cli_infer.DIVERGENCE_HELP),
+    probes: int = typer.Option(16, "--probes", help="Hutchinson probes (the same for every theta)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the probes."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Must be 1: a guided velocity has no density."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    raw: bool = typer.Option(False, "--raw", help="Use the raw training weights instead of the EMA weights."),
+) -> None:
+    """Learned log-likelihood log p(x | theta) of each observed field at each theta (and the exact one for grf)."""
+    from pixeldit import infer_run
+
+    rows = _parse_rows(theta)
+    res = _call(lambda: infer_run.likelihood_run(run, observed, rows, step=step, ema=not raw, divergence=divergence,
+                                                 probes=probes, seed=seed, guidance=guidance))
+    typer.echo(f"log p(x | theta) in nats over {res['dim']} dimensions ({res['divergence']} divergence)")
+    for i, values in enumerate(res["log_prob"]):
+        for j, th in enumerate(res["theta"]):
+            line = f"field {i} theta ({', '.join(f'{v:g}' for v in th)}): {values[j]:.3f}"
+            if res["stderr"] is not None:
+                line += f" +- {res['stderr'][i, j]:.3f}"
+            line += f" ({res['bits_per_dim'][i, j]:.4f} bits/dim)"
+            if res["exact"] is not None:
+                line += f", exact {res['exact'][i, j]:.3f}"
+            typer.echo(line)
+
+
 @app.command("env")
 def env_() -> None:
     """Versions, JAX backend and devices, and the runtime settings in effect (JSON)."""
@@ -352,7 +379,9 @@ def env_() -> None:
 def bench(
     preset: str = typer.Option("s8-64", "--preset", "-p", help="Benchmark preset: s8-64, xl16-256 or tiny."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Batch size (default: the preset's)."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats after warm-up (medians are reported)."),
+    repeats: Optional[int] = typer.Option(
+        None, "--repeats", min=1,
+        help="Timed repeats after warm-up (default 5, medians reported; --inference: 1, best reported)."),
     remat: Optional[str] = typer.Option(
         None, "--remat", help="Backward-pass rematerialisation: false, true or dots (default: the preset's)."),
     scan_unroll: Optional[str] = typer.Option(
@@ -365,6 +394,14 @@ def bench(
         False, "--gemm-floor",
         help="Also time every matrix product of the forward and train step alone: their sum bounds the "
              "fraction of the matmul rate the program can reach."),
+    inference: bool = typer.Option(
+        False, "--inference",
+        help="Time field inference instead: log-likelihood fields/s (Hutchinson at 32x32 and 64x64, exact at "
+             "32x32), the emulator posterior per observation, or an amortised run's draws/s."),
+    run: Optional[Path] = typer.Option(
+        None, "--run",
+        help="With --inference: a trained theta run or amortised posterior to time (default: an untrained grf-preset "
+             "model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (last line)."),
 ) -> None:
     """Time forward, train step and sampler step; FLOPs from XLA; fraction of the backend's matmul rate.
@@ -373,6 +410,8 @@ def bench(
     """
     from pixeldit.bench import format_result, run_benchmark
 
+    if inference:
+        return _call(lambda: cli_infer.bench_inference(run, 1 if repeats is None else repeats, as_json))
     modes = {"false": False, "true": True, "dots": "dots"}
     if remat is not None and remat.lower() not in modes:
         raise typer.BadParameter(f"--remat must be one of {sorted(modes)}, got {remat!r}")
@@ -396,7 +435,7 @@ def bench(
 
             hook = floor.measure
         try:
-            result = run_benchmark(preset, batch_size=batch, repeats=repeats,
+            result = run_benchmark(preset, batch_size=batch, repeats=5 if repeats is None else repeats,
                                    remat=None if remat is None else modes[remat.lower()], scan_unroll=unroll,
                                    profile_dir=None if profile is None else str(profile), program_hook=hook)
         except ValueError as e:

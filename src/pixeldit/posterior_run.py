@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,7 +36,7 @@ from pixeldit.posterior_training import (
 )
 from pixeldit.runconfig import RUN_FILE, ConfigError, _read_raw, parse_override
 
-__all__ = ["PosteriorRun", "is_posterior_source", "load_posterior_run", "train_posterior_run"]
+__all__ = ["PosteriorRun", "is_posterior_source", "load_posterior_run", "train_posterior_run", "train_posterior_source"]
 
 SECTIONS = ("model", "train", "data")
 DATA_KEYS = ("source", "size", "prior_low", "prior_high")
@@ -144,3 +146,27 @@ def train_posterior_run(run: PosteriorRun, workdir: str | os.PathLike,
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def train_posterior_source(source: str | os.PathLike, overrides: Sequence[str] = (), data: str | None = None,
+                           workdir: str | os.PathLike | None = None, echo: Callable[[str], Any] = print) -> dict:
+    """``pixeldit train SOURCE`` for a posterior run config: the summary, with the closing line as ``message``.
+
+    ``workdir`` defaults to ``runs/<name>``.  An interrupt (Ctrl-C, SIGTERM) exits with ``128 + signal``
+    after one line on stderr: nothing is saved before the end of training.
+    """
+    if data is not None:
+        raise ConfigError("--data does not apply to an amortised posterior run: it simulates GRF fields on the fly")
+    run = load_posterior_run(source, overrides)
+    wd = Path(workdir) if workdir is not None else Path("runs") / run.name
+    echo(f"run {run.name!r}: amortised posterior on simulated GRF fields, {run.train.steps} steps, workdir {wd}")
+    try:
+        s = train_posterior_run(run, wd, echo=echo)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\ninterrupted ({signal.Signals(signum).name}): nothing saved (the posterior is saved at the end of "
+              "training); run the same command again to start over", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    s["message"] = (f"done: {s['steps_done']} steps in {s['train_seconds']:.1f} s, final nll {s['final_nll']:.4f}, "
+                    f"flow loss {s['final_flow']:.4f}\ncheckpoint: {s['checkpoint_path']}")
+    return s
