@@ -122,7 +122,7 @@ def _parse_labels(text: str) -> list[int]:
 @app.command()
 def train(
     config: Optional[str] = typer.Argument(
-        None, help="Built-in run config (digits, grf), a .toml file, or omit to resume --workdir with its run.json."),
+        None, help="Built-in run config (digits, grf, grf-posterior), a .toml file, or omit to resume --workdir with its run.json."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     data: Optional[str] = typer.Option(
         None, "--data", help="Train on this data instead: an image folder (one subfolder per class, or none) or a .npz file."),
@@ -132,14 +132,17 @@ def train(
 ) -> None:
     """Train a model (resumes when WORKDIR already holds a checkpoint)."""
     from pixeldit import runs
+    from pixeldit.posterior_run import is_posterior_source, train_posterior_source
     from pixeldit.runconfig import ConfigError, load_run_config
     from pixeldit.training import latest_checkpoint_step
 
     def go():
         if config is None and workdir is None:
-            raise ConfigError("give a run config (digits, grf or a .toml file) or --workdir of a run to resume")
+            raise ConfigError("give a run config (digits, grf, grf-posterior or a .toml file) or --workdir of a run to resume")
         if workdir is not None and workdir.exists() and not workdir.is_dir():
             raise ConfigError(f"--workdir '{workdir}' is a file; give a directory (new or of a run to resume)")
+        if is_posterior_source(config if config is not None else workdir):
+            return train_posterior_source(config if config is not None else workdir, set_, data, workdir, typer.echo)
         run = load_run_config(config if config is not None else workdir, set_, data=data)
         wd = workdir if workdir is not None else Path("runs") / run.name
         typer.echo(f"run {run.name!r}: data {run.data.source!r}, {run.train.steps} steps, workdir {wd}")
@@ -154,6 +157,8 @@ def train(
             raise typer.Exit(128 + signum) from None
 
     summary = _call(go)
+    if "message" in summary:  # an amortised posterior run
+        return typer.echo(summary["message"])
     typer.echo(
         f"done: step {summary['step']} ({summary['steps_run']} this run) in {summary['wall_time']:.1f} s, "
         f"{summary['steps_per_sec']:.2f} steps/s, final loss {summary['final_loss']}, "

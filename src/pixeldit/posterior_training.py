@@ -40,9 +40,11 @@ from safetensors import safe_open
 
 from pixeldit.data.grf import GRFDataset
 from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
+from pixeldit.runconfig import RUN_FILE
 
 CHECKPOINT_NAME = "posterior.safetensors"
 CHECKPOINT_FORMAT = "pixeldit-amortized-posterior-1"
+POSTERIOR_KIND = "posterior"  # model.kind in the run.json of a posterior run (pixeldit.posterior_run)
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,18 @@ def save_posterior(model: AmortizedPosterior, workdir: str | os.PathLike) -> Pat
     save_file(_flat_weights(model), str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
+
+
+def is_posterior_workdir(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir`` is an amortised posterior run: it holds the checkpoint, or its ``run.json`` says so."""
+    path = Path(workdir)
+    if (path / CHECKPOINT_NAME).is_file():
+        return True
+    try:
+        model = json.loads((path / RUN_FILE).read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model, dict) and model.get("kind") == POSTERIOR_KIND
 
 
 def load_posterior(workdir: str | os.PathLike) -> AmortizedPosterior:

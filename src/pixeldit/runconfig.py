@@ -435,10 +435,9 @@ def model_fields(kind: str) -> list[str]:
 def _check_model_keys(model: Mapping[str, Any]) -> None:
     kind = model.get("kind", "auto")
     if kind not in MODEL_KINDS:
-        raise ConfigError(
-            f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r} "
-            "(text-to-image models are not trained from the CLI; convert reference checkpoints instead)"
-        )
+        hint = ("an amortised posterior run: `pixeldit train` trains it, pixeldit.posterior_training loads it"
+                if kind == "posterior" else "text-to-image models are not trained from the CLI; convert reference checkpoints instead")
+        raise ConfigError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r} ({hint})")
     fields = set(model_fields("c2i")) | set(model_fields("theta")) if kind == "auto" else set(model_fields(kind))
     known = sorted(set(RUN_MODEL_KEYS) | fields)
     bad = sorted(set(model) - set(known))
