@@ -35,8 +35,8 @@ def test_encoding_recorded_beside_the_data_is_applied():
 
 def test_data_scale_from_the_checkpoint_meta():
     cfg = ThetaConfig(theta_dim=2)
-    assert emulator_from_checkpoint(checkpoint(cfg, {"data_scale": 1.35, "dataset": {}})).data_scale == 1.35
-    assert emulator_from_checkpoint(checkpoint(cfg, {"dataset": {"data_scale": 2.0}})).data_scale == 2.0
+    assert emulator_from_checkpoint(checkpoint(cfg, {"dataset": {"data_scale": 1.35}})).data_scale == 1.35
+    assert emulator_from_checkpoint(checkpoint(cfg, {"dataset": {}})).data_scale == 1.0  # runs without a scale
 
 
 def test_theta_box_from_prior_or_encoding():
