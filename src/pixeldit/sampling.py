@@ -124,6 +124,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pixeldit.static_model import merge_model, split_model
+
 __all__ = [
     "METHODS",
     "REFERENCE_T2I_TIME",
@@ -425,28 +427,6 @@ def _validate(model, noise, y, y_null, method, num_steps, guidance, timeshift,
 # --------------------------------------------------------------------------------------------
 
 
-class _ById:
-    """Hashable-by-identity holder for a plain callable used as a static jit argument."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _ById) and other.obj is self.obj
-
-
-def _split_model(model):
-    if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
-        return ("nnx", graphdef), state
-    return ("fn", _ById(model)), None
-
-
 def _make_velocity(model, y, y_null, guidance, lo, hi, use_cfg):
     def velocity(x, t):
         b = x.shape[0]
@@ -615,8 +595,7 @@ def _adaptive(vel, x, ts, h0, rtol, atol, max_steps, trajectory):
 )
 def _run(static_model, params, noise, y, y_null, ts, coefs, guidance, lo, hi, h0, rtol, atol,
          *, method, use_cfg, trajectory, max_steps):
-    kind, obj = static_model
-    model = nnx.merge(obj, params) if kind == "nnx" else obj.obj
+    model = merge_model(static_model, params)
     vel = _make_velocity(model, y, y_null, guidance, lo, hi, use_cfg)
     x = noise.astype(jnp.float32)
     info = {}
@@ -652,7 +631,7 @@ def _dispatch(model, noise, y, y_null, method, num_steps, guidance, timeshift,
         run_grid = grid
     coefs = (dpm_solver_2m_coefficients(grid) if method == "dpm_solver_2m"
              else np.zeros((num_steps, 3), np.float32))
-    static_model, params = _split_model(model)
+    static_model, params = split_model(model)
     to_j = lambda a: jnp.asarray(a)
     y = jax.tree.map(to_j, y)
     y_null = None if (y_null is None or not use_cfg) else jax.tree.map(to_j, y_null)

@@ -58,9 +58,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ..sampling import sample_batched
+from ..static_model import merge_model, split_model
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -224,7 +224,7 @@ def log_prob(
     k = theta.shape[-1]
     enc = emu.encoding_arrays(k)
     center, scale = enc if enc is not None else (np.zeros(k, np.float32), np.ones(k, np.float32))
-    static_model, params = _split_model(emu.model)
+    static_model, params = split_model(emu.model)
     value, per_probe, steps = _solve_all(
         static_model, params, jnp.asarray(x / emu.data_scale), jnp.asarray(theta), keys,
         jnp.asarray(center), jnp.asarray(scale),
@@ -265,21 +265,6 @@ def _check_inputs(x, theta):
 # --------------------------------------------------------------------------------------------
 
 
-class _ById:
-    """Hashable-by-identity holder for a plain callable passed as a static jit argument."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _ById) and other.obj is self.obj
-
-
 def _field_keys(key, n: int):
     """One probe key per field: ``fold_in(key, i)`` from one key, or a given ``(N,)`` batch of keys."""
     if key.ndim == 0:
@@ -287,13 +272,6 @@ def _field_keys(key, n: int):
     if key.shape != (n,):
         raise ValueError(f"key must be one PRNG key or one per field (shape ({n},)), got shape {key.shape}")
     return key
-
-
-def _split_model(model):
-    if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
-        return ("nnx", graphdef), state
-    return ("fn", _ById(model)), None
 
 
 def _project(a, zero_mean: bool):
@@ -321,8 +299,7 @@ def _draw_probes(key, shape, count: int, kind: str):
                                    "rtol", "atol", "max_steps", "exact_chunk"))
 def _solve_all(static_model, params, x, theta, keys, center, scale, *, encode, zero_mean, divergence, probes,
                probe, rtol, atol, max_steps, exact_chunk):
-    kind, obj = static_model
-    net = nnx.merge(obj, params) if kind == "nnx" else obj.obj
+    net = merge_model(static_model, params)
     n, h, w, c = x.shape
     d = h * w * c
 
