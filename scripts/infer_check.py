@@ -23,23 +23,24 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pixeldit import train as T
+from pixeldit.conditions import dataset_meta
+from pixeldit.infer_run import emulator_from_checkpoint
+from pixeldit.training import load_checkpoint
 from pixeldit.data import grf
-from pixeldit.inference import Emulator, emulator_log_likelihood, grid_posterior, log_prob
+from pixeldit.inference import emulator_log_likelihood, grid_posterior, log_prob
 from pixeldit.inference.calibration import exact_grf_posterior, likelihood_correlation, posterior_scores
-from pixeldit.runs import load_run_config, train_run
+from pixeldit.runconfig import load_run_config
+from pixeldit.runs import train_run
 
 HELD_OUT_SEED = 20_261_202  # not a training stream seed (those are SeedSequence([seed, step]))
 
 
-def load_emulator(workdir: Path, ema: bool = True) -> tuple[Emulator, dict]:
-    model, _, _ = T.load_checkpoint(workdir, ema=ema)
-    data = T.read_checkpoint_meta(workdir).get("dataset") or {}
+def load_emulator(workdir: Path, ema: bool = True):
+    ckpt = load_checkpoint(workdir, ema=ema)
+    data = dataset_meta(ckpt.meta)
     if data.get("name") != "grf":
         raise SystemExit(f"error: {workdir} is not a grf run (dataset {data.get('name')!r})")
-    emu = Emulator(model, theta_encoding=data.get("theta_encoding"), data_scale=float(data.get("data_scale", 1.0)),
-                   mean_mode="zero_mean")
-    return emu, data
+    return emulator_from_checkpoint(ckpt), data
 
 
 def main(argv=None) -> dict:
