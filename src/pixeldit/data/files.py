@@ -93,6 +93,60 @@ def _set_channels(a: np.ndarray, channels: int) -> np.ndarray:
     return (a @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
 
 
+def _class_files(root: Path) -> tuple[list[Path], list[int], list[str] | None]:
+    """List the image files of ``root`` with their labels and class names.
+
+    Returns ``(files, labels, class_names)``; for an unconditional folder ``labels``
+    is empty and ``class_names`` is ``None``.
+    """
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = _list_images(root)
+    if not subdirs:
+        if not loose:
+            raise DataError(
+                f"image folder '{root}' is empty: it contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        return loose, [], None
+    if loose:
+        raise DataError(
+            f"image folder '{root}' mixes class subfolders ({', '.join(d.name for d in subdirs)}) with loose "
+            f"images such as '{loose[0]}'; use either one subfolder per class or images only"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, d in enumerate(subdirs):
+        imgs = _list_images(d)
+        if not imgs:
+            raise DataError(
+                f"class folder '{d}' is empty: it contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files.extend(imgs)
+        labels.extend([label] * len(imgs))
+    return files, labels, [d.name for d in subdirs]
+
+
+def _read_images(files: list[Path], root: Path, patch_size: int | None) -> list[np.ndarray]:
+    """Read ``files`` as ``(H, W, 1|3)`` arrays in [0, 1]; all must share the first image's size."""
+    images = []
+    first_size: tuple[int, int] | None = None
+    for f in files:
+        img = _open_image(f)
+        try:
+            size = (img.height, img.width)
+            if first_size is None:
+                first_size = size
+                check_patch_size(size, patch_size, f"image folder '{root}' (first image '{files[0]}')")
+            elif size != first_size:
+                raise DataError(
+                    f"image '{f}' has size {size[0]}x{size[1]} (HxW) but '{files[0]}' has "
+                    f"{first_size[0]}x{first_size[1]}; all images must have the same size"
+                )
+            images.append(_to_array(img, f))
+        finally:
+            img.close()
+    return images
+
+
 def load_image_folder(
     path: str | os.PathLike,
     *,
@@ -123,48 +177,8 @@ def load_image_folder(
         raise DataError(f"image folder '{root}' does not exist or is not a directory")
     if channels is not None and int(channels) not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = _list_images(root)
-    files: list[Path] = []
-    labels: list[int] = []
-    class_names: list[str] | None = None
-    if subdirs:
-        if loose:
-            raise DataError(
-                f"image folder '{root}' mixes class subfolders ({', '.join(d.name for d in subdirs)}) with loose "
-                f"images such as '{loose[0]}'; use either one subfolder per class or images only"
-            )
-        class_names = [d.name for d in subdirs]
-        for label, d in enumerate(subdirs):
-            imgs = _list_images(d)
-            if not imgs:
-                raise DataError(
-                    f"class folder '{d}' is empty: it contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
-                )
-            files.extend(imgs)
-            labels.extend([label] * len(imgs))
-    else:
-        files = loose
-    if not files:
-        raise DataError(f"image folder '{root}' is empty: it contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
-
-    images = []
-    first_size: tuple[int, int] | None = None
-    for f in files:
-        img = _open_image(f)
-        try:
-            size = (img.height, img.width)
-            if first_size is None:
-                first_size = size
-                check_patch_size(size, patch_size, f"image folder '{root}' (first image '{files[0]}')")
-            elif size != first_size:
-                raise DataError(
-                    f"image '{f}' has size {size[0]}x{size[1]} (HxW) but '{files[0]}' has "
-                    f"{first_size[0]}x{first_size[1]}; all images must have the same size"
-                )
-            images.append(_to_array(img, f))
-        finally:
-            img.close()
+    files, labels, class_names = _class_files(root)
+    images = _read_images(files, root, patch_size)
     all_gray = all(a.shape[-1] == 1 for a in images)
     ch = int(channels) if channels is not None else (1 if all_gray else 3)
     x = np.stack([_set_channels(a, ch) for a in images]) * 2.0 - 1.0
@@ -191,6 +205,96 @@ def _check_finite(a: np.ndarray, what: str, path: Path) -> None:
             f"'{path}': array '{what}' contains {n_nan} NaN and {n_inf} inf values "
             f"(first at index {tuple(int(i) for i in bad[0])})"
         )
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    """Return every array of the ``.npz`` archive ``p`` (pickles refused)."""
+    if not p.is_file():
+        raise DataError(f"npz file '{p}' does not exist")
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # np.load would read any other file as a pickle, and blame allow_pickle
+            raise DataError(f"'{p}' is not an .npz archive (a zip of arrays, as numpy.savez writes)")
+    try:
+        with np.load(p, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot read npz file '{p}': {type(exc).__name__}: {exc}") from exc
+
+
+def _npz_images(data: dict[str, np.ndarray], p: Path, patch_size: int | None) -> tuple[np.ndarray, bool]:
+    """Validate ``data["x"]``; return it as float32 ``(N, H, W, C)`` and whether it was stored as integers."""
+    if "x" not in data:
+        raise DataError(f"'{p}' has no array 'x' (found: {sorted(data)})")
+    x = data["x"]
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"'{p}': 'x' must be numeric, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"'{p}': 'x' must have shape (N, H, W, C) or (N, H, W), got {x.shape} (rank {x.ndim})")
+    if x.shape[0] == 0:
+        raise DataError(f"'{p}': 'x' is empty (shape {x.shape})")
+    if min(x.shape[1:]) == 0:
+        raise DataError(f"'{p}': 'x' has an empty image dimension, shape {x.shape}")
+    is_int = bool(np.issubdtype(x.dtype, np.integer))
+    x = x.astype(np.float32)
+    _check_finite(x, "x", p)
+    check_patch_size(x.shape[1:3], patch_size, f"'{p}'")
+    return x, is_int
+
+
+def _npz_labels(data: dict[str, np.ndarray], p: Path, n: int) -> tuple[np.ndarray, int, list[str] | None]:
+    """Validate ``data["y"]`` (and ``class_names``); return ``(y, num_classes, class_names)``."""
+    y = data["y"]
+    if y.ndim != 1:
+        raise DataError(f"'{p}': 'y' must be integer labels of shape (N,), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"'{p}': 'y' must have an integer dtype, got {y.dtype}")
+    if len(y) != n:
+        raise DataError(f"'{p}': 'x' has {n} entries but 'y' has {len(y)}")
+    if (y < 0).any():
+        raise DataError(f"'{p}': 'y' contains negative labels (min {int(y.min())})")
+    num_classes = int(y.max()) + 1
+    if "class_names" not in data:
+        return y, num_classes, None
+    class_names = [str(s) for s in np.asarray(data["class_names"]).reshape(-1)]
+    if len(class_names) < num_classes:
+        raise DataError(f"'{p}': {len(class_names)} class_names but labels go up to {num_classes - 1}")
+    return y, len(class_names), class_names
+
+
+def _npz_theta(data: dict[str, np.ndarray], p: Path, n: int) -> np.ndarray:
+    """Validate ``data["theta"]``; return it as float32 ``(N, K)``."""
+    y = data["theta"]
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"'{p}': 'theta' must be numeric, got dtype {y.dtype}")
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2:
+        raise DataError(f"'{p}': 'theta' must have shape (N, K) or (N,), got shape {y.shape}")
+    if len(y) != n:
+        raise DataError(f"'{p}': 'x' has {n} entries but 'theta' has {len(y)}")
+    y = y.astype(np.float32)
+    _check_finite(y, "theta", p)
+    return y
+
+
+def _normalize(x: np.ndarray, normalize: str, is_int: bool, p: Path) -> np.ndarray:
+    """Apply the ``normalize`` mode to ``x`` (see :func:`load_npz`); warns on unscaled integer data."""
+    if normalize == "none" and is_int:
+        warnings.warn(
+            f"'{p}': integer 'x' is kept unscaled (normalize='none'); pass normalize='uint8' to map [0, 255] to [-1, 1]",
+            UserWarning,
+            stacklevel=3,  # the caller of load_npz
+        )
+    elif normalize == "uint8":
+        x = x / 127.5 - 1.0
+    elif normalize == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+        if hi <= lo:
+            raise DataError(f"'{p}': normalize='minmax' needs non-constant 'x' (all values are {lo})")
+        x = (x - lo) / (hi - lo) * 2.0 - 1.0
+    return x
 
 
 def load_npz(
@@ -222,89 +326,18 @@ def load_npz(
     p = Path(path)
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-    if not p.is_file():
-        raise DataError(f"npz file '{p}' does not exist")
-    with open(p, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # np.load would read any other file as a pickle, and blame allow_pickle
-            raise DataError(f"'{p}' is not an .npz archive (a zip of arrays, as numpy.savez writes)")
-    try:
-        with np.load(p, allow_pickle=False) as archive:
-            data = {k: archive[k] for k in archive.files}
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"cannot read npz file '{p}': {type(exc).__name__}: {exc}") from exc
-
-    if "x" not in data:
-        raise DataError(f"'{p}' has no array 'x' (found: {sorted(data)})")
-    x = data["x"]
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"'{p}': 'x' must be numeric, got dtype {x.dtype}")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise DataError(f"'{p}': 'x' must have shape (N, H, W, C) or (N, H, W), got {x.shape} (rank {x.ndim})")
-    if x.shape[0] == 0:
-        raise DataError(f"'{p}': 'x' is empty (shape {x.shape})")
-    if min(x.shape[1:]) == 0:
-        raise DataError(f"'{p}': 'x' has an empty image dimension, shape {x.shape}")
-    is_int = np.issubdtype(x.dtype, np.integer)
-    x = x.astype(np.float32)
-    _check_finite(x, "x", p)
-    check_patch_size(x.shape[1:3], patch_size, f"'{p}'")
-
+    data = _read_npz(p)
+    x, is_int = _npz_images(data, p, patch_size)
     if "y" in data and "theta" in data:
         raise DataError(f"'{p}' contains both 'y' (class labels) and 'theta' (parameters); keep only one")
-    n = x.shape[0]
-    y = None
-    condition = "none"
-    num_classes = None
-    class_names = None
+    y, condition, num_classes, class_names = None, "none", None, None
     if "y" in data:
-        y = data["y"]
-        if y.ndim != 1:
-            raise DataError(f"'{p}': 'y' must be integer labels of shape (N,), got shape {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"'{p}': 'y' must have an integer dtype, got {y.dtype}")
-        if len(y) != n:
-            raise DataError(f"'{p}': 'x' has {n} entries but 'y' has {len(y)}")
-        if (y < 0).any():
-            raise DataError(f"'{p}': 'y' contains negative labels (min {int(y.min())})")
+        y, num_classes, class_names = _npz_labels(data, p, x.shape[0])
         condition = "class"
-        num_classes = int(y.max()) + 1
-        if "class_names" in data:
-            class_names = [str(s) for s in np.asarray(data["class_names"]).reshape(-1)]
-            if len(class_names) < num_classes:
-                raise DataError(
-                    f"'{p}': {len(class_names)} class_names but labels go up to {num_classes - 1}"
-                )
-            num_classes = len(class_names)
     elif "theta" in data:
-        y = data["theta"]
-        if not np.issubdtype(y.dtype, np.number):
-            raise DataError(f"'{p}': 'theta' must be numeric, got dtype {y.dtype}")
-        if y.ndim == 1:
-            y = y[:, None]
-        if y.ndim != 2:
-            raise DataError(f"'{p}': 'theta' must have shape (N, K) or (N,), got shape {y.shape}")
-        if len(y) != n:
-            raise DataError(f"'{p}': 'x' has {n} entries but 'theta' has {len(y)}")
-        y = y.astype(np.float32)
-        _check_finite(y, "theta", p)
+        y = _npz_theta(data, p, x.shape[0])
         condition = "theta"
-
-    if normalize == "none" and is_int:
-        warnings.warn(
-            f"'{p}': integer 'x' is kept unscaled (normalize='none'); pass normalize='uint8' to map [0, 255] to [-1, 1]",
-            UserWarning,
-            stacklevel=2,
-        )
-    elif normalize == "uint8":
-        x = x / 127.5 - 1.0
-    elif normalize == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-        if hi <= lo:
-            raise DataError(f"'{p}': normalize='minmax' needs non-constant 'x' (all values are {lo})")
-        x = (x - lo) / (hi - lo) * 2.0 - 1.0
-
+    x = _normalize(x, normalize, is_int, p)
     return ArrayDataset(
         x.astype(np.float32),
         y,
