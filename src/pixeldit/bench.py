@@ -141,6 +141,73 @@ def _peak_memory() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30
 
 
+def _forward_program(graphdef) -> Callable:
+    """The un-jitted forward ``(params, model_state, x, t, y) -> v`` of the model ``graphdef`` describes."""
+    def forward(params, model_state, x, t, y):
+        model = nnx.merge(graphdef, params, model_state)
+        return model(x, t, y)
+
+    return forward
+
+
+def _bench_forward(graphdef, unrolled_graphdef, args: tuple, repeats: int) -> dict[str, Any]:
+    """Compile and time the forward pass on ``args = (params, model_state, x, t, y)``; count its FLOPs unrolled."""
+    fwd = jax.jit(_forward_program(graphdef)).lower(*args).compile()
+    out: dict[str, Any] = {
+        # cuDNN fused-attention custom calls in the compiled forward (a scanned stack's body counts once)
+        "cudnn_attention_calls": fwd.as_text().count("__cudnn$fmha"),
+        "gflops_forward": count_flops(_forward_program(unrolled_graphdef), *args) / 1e9,
+    }
+    sec = _time(lambda: fwd(*args).block_until_ready(), repeats)
+    out["forward_ms"] = sec * 1e3
+    out["forward_gflops_per_s"] = out["gflops_forward"] / sec
+    return out
+
+
+def _bench_sample_step(graphdef, num_classes: int, args: tuple, repeats: int) -> dict[str, Any]:
+    """Time one CFG Euler step (2B forward + update), as inside the samplers, on ``args`` as for the forward."""
+    def sample_step(params, model_state, x, t, y):
+        model = nnx.merge(graphdef, params, model_state)
+        v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([jnp.full_like(y, num_classes), y]))
+        u, c = jnp.split(v, 2)
+        return x + 0.05 * (u + 4.0 * (c - u))
+
+    smp = jax.jit(sample_step).lower(*args).compile()
+    return {"sample_step_ms": _time(lambda: smp(*args).block_until_ready(), repeats) * 1e3}
+
+
+def _bench_train_step(state, unrolled_graphdef, tc: TrainConfig, batch, repeats: int,
+                      profile_dir: str | None) -> tuple[dict[str, Any], Any]:
+    """Compile and time the train step (AdamW, loss, EMA; state donated), optionally profiling three more.
+
+    Returns the result entries and the train state after the timed steps (``state`` itself is donated).
+    """
+    step_fn = make_train_step(state.graphdef, tc)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    out: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
+    unrolled_step = make_train_step_fn(unrolled_graphdef, tc)
+    out["gflops_train_step"] = count_flops(unrolled_step, state.replace(graphdef=unrolled_graphdef), batch) / 1e9
+    holder = [state]
+
+    def one_step():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    sec = _time(one_step, repeats)
+    out["train_step_ms"] = sec * 1e3
+    out["train_step_gflops_per_s"] = out["gflops_train_step"] / sec
+    out["peak_memory_gib"] = _peak_memory()
+    if profile_dir is not None:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                one_step()
+        # the optimised program, to read the profile's fusion names against
+        (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
+        out["profile_dir"] = str(profile_dir)
+    return out, holder[0]
+
+
 def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats: int = 5,
                   remat: bool | str | None = None, scan_unroll: int | bool | str | None = None,
                   profile_dir: str | None = None,
@@ -172,70 +239,25 @@ def run_benchmark(name: str = "s8-64", *, batch_size: int | None = None, repeats
 
     tc = TrainConfig(batch_size=b, steps=10, warmup_steps=1, compute_dtype=cfg.dtype)
     state = create_train_state(cfg, tc)
-    params = state.params  # per-leaf view of the flat master weights
     result["num_params"] = state.layout.size
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(b, h, w, cfg.in_channels)), jnp.float32)
     y = jnp.asarray(rng.integers(0, cfg.num_classes, size=b), jnp.int32)
     t = jnp.asarray(rng.uniform(size=b), jnp.float32)
-
-    # -- forward ---------------------------------------------------------------------------
-    graphdef = state.graphdef
     unrolled_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.replace(scan_unroll=True), rngs=nnx.Rngs(0))))
+    # state.params is a per-leaf copy of the flat master weights: taken once, shared by the programs
+    forward_args = (state.params, state.model_state, x, t, y)
 
-    def forward(params, model_state, x, t, y, graphdef=graphdef):
-        model = nnx.merge(graphdef, params, model_state)
-        return model(x, t, y)
-
-    fwd = jax.jit(forward).lower(params, state.model_state, x, t, y).compile()
-    # cuDNN fused-attention custom calls in the compiled forward (a scanned stack's body counts once)
-    result["cudnn_attention_calls"] = fwd.as_text().count("__cudnn$fmha")
-    result["gflops_forward"] = count_flops(
-        lambda *a: forward(*a, graphdef=unrolled_graphdef), params, state.model_state, x, t, y) / 1e9
-    sec = _time(lambda: fwd(params, state.model_state, x, t, y).block_until_ready(), repeats)
-    result["forward_ms"] = sec * 1e3
-    result["forward_gflops_per_s"] = result["gflops_forward"] / sec
-
-    # -- one CFG Euler step (2B forward + update), as inside the samplers -------------------------
-    def sample_step(params, model_state, x, t, y):
-        model = nnx.merge(graphdef, params, model_state)
-        v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([jnp.full_like(y, cfg.num_classes), y]))
-        u, c = jnp.split(v, 2)
-        return x + 0.05 * (u + 4.0 * (c - u))
-
-    smp = jax.jit(sample_step).lower(params, state.model_state, x, t, y).compile()
-    result["sample_step_ms"] = _time(lambda: smp(params, state.model_state, x, t, y).block_until_ready(), repeats) * 1e3
-
-    # -- train step (AdamW, loss, EMA), state donated ----------------------------------------------
-    step_fn = make_train_step(graphdef, tc)
+    result.update(_bench_forward(state.graphdef, unrolled_graphdef, forward_args, repeats))
+    result.update(_bench_sample_step(state.graphdef, cfg.num_classes, forward_args, repeats))
     batch = prepare_batch({"x": np.asarray(x), "y": np.asarray(y)})
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    result["compile_s"] = time.perf_counter() - t0
-    unrolled_step = make_train_step_fn(unrolled_graphdef, tc)
-    result["gflops_train_step"] = count_flops(unrolled_step, state.replace(graphdef=unrolled_graphdef), batch) / 1e9
-    holder = [state]
-
-    def one_step():
-        holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    sec = _time(one_step, repeats)
-    result["train_step_ms"] = sec * 1e3
-    result["train_step_gflops_per_s"] = result["gflops_train_step"] / sec
-    result["peak_memory_gib"] = _peak_memory()
-    if profile_dir is not None:
-        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            for _ in range(3):
-                one_step()
-        # the optimised program, to read the profile's fusion names against
-        (Path(profile_dir) / "train_step.hlo.txt").write_text(compiled.as_text())
-        result["profile_dir"] = str(profile_dir)
+    train, final_state = _bench_train_step(state, unrolled_graphdef, tc, batch, repeats, profile_dir)
+    result.update(train)
     if program_hook is not None:
         shapes = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
         result.update(program_hook({
-            "forward": (forward, *shapes((params, state.model_state, x, t, y))),
-            "train_step": (make_train_step_fn(graphdef, tc), shapes(holder[0]), shapes(batch)),
+            "forward": (_forward_program(state.graphdef), *shapes(forward_args)),
+            "train_step": (make_train_step_fn(state.graphdef, tc), shapes(final_state), shapes(batch)),
         }))
 
     # The ceiling is measured before and after the model timings; the higher one is kept, so a
