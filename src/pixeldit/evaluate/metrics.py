@@ -207,6 +207,34 @@ def _fields(samples: np.ndarray) -> np.ndarray:
     return f
 
 
+def _grf_reference(t: np.ndarray, n_sim: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+    """Reference power spectrum and pixel std at ``t``: analytic (``n_sim <= 0``) or of ``n_sim`` simulated fields."""
+    if n_sim > 0:
+        ref = simulate(np.repeat(t[None], n_sim, axis=0), rng, size)[..., 0].astype(np.float64)
+        return radial_power_spectrum(ref)[1].mean(axis=0), float(ref.std())
+    return expected_power_spectrum(t, size)[1], float(np.exp(t[0]))
+
+
+def _grf_summary(per_theta: list[dict], n_sim: int, num_samples: int, baseline: bool) -> dict[str, Any]:
+    """The overall entries of :func:`grf_metrics` from its per-theta entries."""
+    ratios = np.array([e["std_ratio"] for e in per_theta])
+    out: dict[str, Any] = {
+        "reference": "analytic" if n_sim <= 0 else f"simulated (n_sim={int(n_sim)})",
+        "num_thetas": len(per_theta),
+        "num_samples": int(num_samples),
+        "spectrum_log10_error": float(np.mean([e["spectrum_log10_error"] for e in per_theta])),
+        "std_ratio_mean": float(ratios.mean()),
+        "std_ratio_min": float(ratios.min()),
+        "std_ratio_max": float(ratios.max()),
+        "std_ratio_log_error": float(np.mean(np.abs(np.log(ratios)))) if np.all(ratios > 0) else float("inf"),
+        "chi2_per_dof": float(np.mean([e["chi2_per_dof"] for e in per_theta])),
+        "per_theta": per_theta,
+    }
+    if baseline:
+        out["baseline_spectrum_log10_error"] = float(np.mean([e["baseline_spectrum_log10_error"] for e in per_theta]))
+    return out
+
+
 def grf_metrics(
     samples: np.ndarray,
     theta: np.ndarray,
@@ -254,13 +282,7 @@ def grf_metrics(
         sel = group == i
         fg = f[sel]
         p_gen = p_gen_all[sel].mean(axis=0)
-        if n_sim > 0:
-            ref = simulate(np.repeat(t[None], n_sim, axis=0), rng, size)[..., 0].astype(np.float64)
-            p_ref = radial_power_spectrum(ref)[1].mean(axis=0)
-            std_ref = float(ref.std())
-        else:
-            p_ref = expected_power_spectrum(t, size)[1]
-            std_ref = float(np.exp(t[0]))
+        p_ref, std_ref = _grf_reference(t, n_sim, rng, size)
         entry = {
             "log_amplitude": float(t[0]),
             "slope": float(t[1]),
@@ -274,22 +296,7 @@ def grf_metrics(
             entry["baseline_spectrum_log10_error"] = _log10_error(radial_power_spectrum(base)[1].mean(axis=0), p_ref)
             entry["baseline_std_ratio"] = float(base.std() / std_ref)
         per_theta.append(entry)
-    ratios = np.array([e["std_ratio"] for e in per_theta])
-    out: dict[str, Any] = {
-        "reference": "analytic" if n_sim <= 0 else f"simulated (n_sim={int(n_sim)})",
-        "num_thetas": len(per_theta),
-        "num_samples": int(len(f)),
-        "spectrum_log10_error": float(np.mean([e["spectrum_log10_error"] for e in per_theta])),
-        "std_ratio_mean": float(ratios.mean()),
-        "std_ratio_min": float(ratios.min()),
-        "std_ratio_max": float(ratios.max()),
-        "std_ratio_log_error": float(np.mean(np.abs(np.log(ratios)))) if np.all(ratios > 0) else float("inf"),
-        "chi2_per_dof": float(np.mean([e["chi2_per_dof"] for e in per_theta])),
-        "per_theta": per_theta,
-    }
-    if baseline:
-        out["baseline_spectrum_log10_error"] = float(np.mean([e["baseline_spectrum_log10_error"] for e in per_theta]))
-    return out
+    return _grf_summary(per_theta, n_sim, len(f), baseline)
 
 
 def _log10_error(p: np.ndarray, ref: np.ndarray) -> float:
