@@ -90,6 +90,23 @@ def check_patch_size(image_shape: tuple[int, ...], patch_size: int | None, where
         )
 
 
+def dataset_metadata(ds) -> dict[str, Any]:
+    """The JSON-serialisable description every finite dataset records: name, shapes, conditioning, size, seed.
+
+    ``ds`` needs the :class:`Dataset` attributes plus ``class_names``, ``seed`` and ``len(ds)``.
+    """
+    return {
+        "name": ds.name,
+        "image_shape": list(ds.image_shape),
+        "condition": ds.condition,
+        "num_classes": ds.num_classes,
+        "theta_dim": ds.theta_dim,
+        "class_names": ds.class_names,
+        "size": len(ds),
+        "seed": ds.seed,
+    }
+
+
 class ArrayDataset:
     """A finite dataset held in memory, batched by seeded epoch-wise permutations.
 
@@ -196,16 +213,7 @@ class ArrayDataset:
 
     def metadata(self) -> dict[str, Any]:
         """Return a JSON-serialisable description (name, shapes, conditioning)."""
-        return {
-            "name": self.name,
-            "image_shape": list(self.image_shape),
-            "condition": self.condition,
-            "num_classes": self.num_classes,
-            "theta_dim": self.theta_dim,
-            "class_names": self.class_names,
-            "size": len(self),
-            "seed": self.seed,
-        }
+        return dataset_metadata(self)
 
     def __repr__(self) -> str:
         return (

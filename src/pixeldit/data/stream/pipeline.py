@@ -24,7 +24,7 @@ from typing import Any
 import grain
 from absl import flags
 
-from ..base import DataError, check_patch_size
+from ..base import DataError, check_patch_size, dataset_metadata
 from .sources import open_source
 from .transforms import ON_CORRUPT, Decode, image_channels, random_flip, to_float
 
@@ -172,14 +172,7 @@ class StreamingDataset:
     def metadata(self) -> dict[str, Any]:
         """A JSON-serialisable description (name, shapes, conditioning, stream options)."""
         return {
-            "name": self.name,
-            "image_shape": list(self.image_shape),
-            "condition": self.condition,
-            "num_classes": self.num_classes,
-            "theta_dim": self.theta_dim,
-            "class_names": self.class_names,
-            "size": len(self),
-            "seed": self.seed,
+            **dataset_metadata(self),
             "streaming": {"resolution": self.resolution, "flip": self.flip, "on_corrupt": self.on_corrupt},
         }
 
