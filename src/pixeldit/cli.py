@@ -275,12 +275,29 @@ def convert(
     raw: bool = typer.Option(False, "--raw", help="Take the raw (non-EMA) weights."),
     image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Default sampling size H W (reference file only; default 256 256)."),
     step: Optional[int] = typer.Option(None, "--step", help="Workdir checkpoint step (default: latest)."),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c",
+        help="Continue a reference training run: the run config (built-in name or .toml) it resumes under. SOURCE is "
+             "then a Lightning training checkpoint (denoiser, EMA, REPA projector, global_step) and DEST a resumable workdir."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " With --config only."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --config: train on this data source instead."),
 ) -> None:
     """Reference checkpoint <-> this project's checkpoint directory (direction from SOURCE)."""
     from pixeldit import convert
     from pixeldit.runconfig import ConfigError
 
     def go():
+        if config is not None or set_ or data is not None:
+            if config is None:
+                raise ConfigError("--set/--data apply with --config (continuing a reference training run)")
+            if preset or kwargs or kind or raw or image_size or step is not None:
+                raise ConfigError("--preset/--kwargs/--kind/--raw/--image-size/--step do not apply with --config: the "
+                                  "run config gives the model, the checkpoint's global_step the step")
+            if source.is_dir() or not convert.is_reference_file(source):
+                raise ConfigError(f"--config needs a reference training checkpoint file (.ckpt) as SOURCE, got '{source}'")
+            from pixeldit.reference_run import reference_run_to_workdir
+
+            return reference_run_to_workdir(source, dest, config, set_, data=data)
         if source.is_dir():
             if preset or kwargs or kind or image_size:
                 raise ConfigError("--preset/--kwargs/--kind/--image-size apply to reference files, not to a workdir source")
@@ -300,7 +317,11 @@ def convert(
                                           f"{first})") from e
 
     res = _call(go)
-    if "file" in res:
+    if "config_name" in res:
+        repa = ", REPA projector included" if res["repa"] else ""
+        typer.echo(f"wrote a resumable {res['kind']} run ({res['config_name']!r}) at step {res['step']}{repa} to "
+                   f"{res['workdir']}\ncontinue it with: pixeldit train --workdir {res['workdir']}")
+    elif "file" in res:
         typer.echo(f"wrote {res['num_tensors']} reference-named tensors ({res['kind']}) to {res['file']}")
     else:
         typer.echo(f"wrote a {res['kind']} checkpoint from {res['num_tensors']} tensors to {res['checkpoint']}\n"

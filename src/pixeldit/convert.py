@@ -278,6 +278,13 @@ def extract_model_state_dict(raw: Mapping[str, Any], *, ema: bool = True) -> dic
 
 def read_checkpoint_file(path: str | os.PathLike, *, ema: bool = True) -> dict[str, np.ndarray]:
     """Read reference weights from ``.safetensors``, a Lightning ``.ckpt`` or a ``.pth``/``.pt`` file."""
+    sd = extract_model_state_dict(read_raw_checkpoint(path), ema=ema)
+    return {k: _as_numpy(v) for k, v in sd.items()}
+
+
+def read_raw_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
+    """A checkpoint file's contents as stored: a Lightning / torch pickle's dict (``state_dict``,
+    ``global_step``...) or a ``.safetensors`` file's tensors (as float32 numpy arrays)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -293,8 +300,9 @@ def read_checkpoint_file(path: str | os.PathLike, *, ema: bool = True) -> dict[s
         raw = torch.load(str(path), map_location="cpu", weights_only=False)
     else:
         raise ValueError(f"unsupported checkpoint type {path.suffix!r} ({path}); expected .safetensors, .ckpt, .pth or .pt")
-    sd = extract_model_state_dict(raw, ema=ema)
-    return {k: _as_numpy(v) for k, v in sd.items()}
+    if not isinstance(raw, Mapping):
+        raise ConversionError(f"'{path}' holds a {type(raw).__name__}, not a dict of tensors (a state dict or a checkpoint)")
+    return raw
 
 
 def from_reference_file(kind: str, reference_kwargs: Mapping[str, Any], path, *, ema: bool = True, **options):

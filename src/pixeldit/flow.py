@@ -16,7 +16,7 @@ the project's model contract ``model(x_t, t, y, mask=None) -> v`` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ __all__ = [
     "flow_matching_loss",
     "interpolate",
     "sample_time",
+    "select_condition",
     "shift_time",
     "target_velocity",
 ]
@@ -114,7 +115,11 @@ def drop_condition(key: jax.Array, y: Any, y_null: Any, p: float) -> Any:
     batch = leaves[0].shape[0]
     if p == 0.0:
         return y
-    drop = jax.random.bernoulli(key, p, (batch,))
+    return select_condition(jax.random.bernoulli(key, p, (batch,)), y, y_null)
+
+
+def select_condition(drop: jax.Array, y: Any, y_null: Any) -> Any:
+    """``y`` with the examples where ``drop`` (B,) is true replaced by ``y_null`` (every leaf alike)."""
 
     def _select(a, n):
         a = jnp.asarray(a)
@@ -122,6 +127,17 @@ def drop_condition(key: jax.Array, y: Any, y_null: Any, p: float) -> Any:
         return jnp.where(_expand(drop, a.ndim), n, a)
 
     return jax.tree.map(_select, y, y_null)
+
+
+def _check_draws(draws: Mapping[str, Any], x_shape: tuple[int, ...]) -> None:
+    """Given draws must be known and shaped for the batch: ``t`` / ``drop`` (B,), ``noise`` like ``x``."""
+    unknown = sorted(set(draws) - {"t", "noise", "drop"})
+    if unknown:
+        raise ValueError(f"unknown draws {unknown}; expected some of ['drop', 'noise', 't']")
+    expected = {"t": x_shape[:1], "drop": x_shape[:1], "noise": tuple(x_shape)}
+    for name, value in draws.items():
+        if tuple(jnp.shape(value)) != expected[name]:
+            raise ValueError(f"draws[{name!r}] must have shape {expected[name]}, got {tuple(jnp.shape(value))}")
 
 
 def flow_matching_loss(
@@ -137,6 +153,7 @@ def flow_matching_loss(
     time_shift: float = 1.0,
     mask: jax.Array | None = None,
     tokens_after: int | None = None,
+    draws: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching (velocity) MSE for one batch.
 
@@ -156,6 +173,10 @@ def flow_matching_loss(
       time_distribution, time_mean, time_std, time_shift: see :func:`sample_time`.
       mask: optional attention mask passed to the model (text tokens).
       tokens_after: also return the model's patch tokens after this block (REPA) in ``aux``.
+      draws: given random draws used instead of drawing them from ``key``: ``"t"`` (B,) the
+        times (after any shift), ``"noise"`` (like ``x``) the noise, ``"drop"`` (B,) bool which
+        examples take the null condition; each one present replaces its draw (so a step can be
+        replayed from another implementation's draws).
 
     Returns:
       ``(loss, aux)`` where ``loss`` is a float32 scalar and ``aux`` holds
@@ -163,19 +184,19 @@ def flow_matching_loss(
     """
     x = jnp.asarray(x, jnp.float32)
     batch = x.shape[0]
+    draws = {} if draws is None else dict(draws)
+    _check_draws(draws, x.shape)
     k_t, k_eps, k_drop = jax.random.split(key, 3)
-    t = sample_time(
-        k_t,
-        batch,
-        distribution=time_distribution,
-        mean=time_mean,
-        std=time_std,
-        shift=time_shift,
-    )
-    eps = jax.random.normal(k_eps, x.shape, jnp.float32)
+    if "t" in draws:
+        t = jnp.asarray(draws["t"], jnp.float32)
+    else:
+        t = sample_time(k_t, batch, distribution=time_distribution, mean=time_mean, std=time_std, shift=time_shift)
+    eps = jnp.asarray(draws["noise"], jnp.float32) if "noise" in draws else jax.random.normal(k_eps, x.shape, jnp.float32)
     x_t = interpolate(x, eps, t)
     target = target_velocity(x, eps)
-    if y is not None and p_uncond > 0.0:
+    if y is not None and "drop" in draws:
+        y = select_condition(jnp.asarray(draws["drop"], bool), y, model.null_condition(y))
+    elif y is not None and p_uncond > 0.0:
         y = drop_condition(k_drop, y, model.null_condition(y), p_uncond)
     kwargs = {} if mask is None else {"mask": mask}
     if tokens_after is not None:

@@ -66,7 +66,7 @@ from pixeldit.training import (
 from pixeldit.training.loggers import MetricsLogger, open_logger
 
 __all__ = ["eval_run", "load_run_dataset", "model_info", "resolve_model_config", "run_data_scale", "sample_run",
-           "train_run"]
+           "scaled_run_dataset", "train_run"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ def run_data_scale(run: RunConfig, dataset, saved_meta: Mapping[str, Any]) -> fl
         saved = dataset_meta(saved_meta).get("data_scale")
         return float(saved) if saved is not None else auto_data_scale(dataset)
     return float(spec)
+
+
+def scaled_run_dataset(run: RunConfig, dataset, saved_meta: Mapping[str, Any]):
+    """``dataset`` as the run trains on it: wrapped in :class:`ScaledDataset` when it has a data
+    scale other than 1 (:func:`run_data_scale`; no recorded scale reads as 1)."""
+    scale = run_data_scale(run, dataset, saved_meta)
+    return ScaledDataset(dataset, scale) if scale is not None and scale != 1.0 else dataset
 
 
 def _data_units(dataset):
@@ -215,9 +222,7 @@ def _train_locked(run: RunConfig, workdir: Path, dataset, model_config, progress
         # a theta run whose encoding is recorded beside the data: resume it in that layout
         dataset = ThetaEncodedDataset(dataset, saved["dataset"]["theta_encoding"])
         model_config = model_config.replace(theta_center=None, theta_scale=None)
-    scale = run_data_scale(run, dataset, saved)
-    if scale is not None and scale != 1.0:  # no recorded scale reads as 1
-        dataset = ScaledDataset(dataset, scale)
+    dataset = scaled_run_dataset(run, dataset, saved)
     if fresh:
         save_run_config(run, workdir)
     encoder = repa_encoder(run.train, model_config)

@@ -21,6 +21,7 @@ from pixeldit.training.checkpoint import (
     read_checkpoint_meta,
     restore_sharded_train_state,
     restore_train_state,
+    run_meta,
     save_model_checkpoint,
     save_train_state,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "read_metrics",
     "restore_sharded_train_state",
     "restore_train_state",
+    "run_meta",
     "save_model_checkpoint",
     "save_train_state",
     "shared_sharded_train_step",

@@ -58,6 +58,7 @@ from pixeldit.training.config import (
     RESUME_FREE_TRAIN_FIELDS,
     RESUME_OPTIMIZER_FIELDS,
     TrainConfig,
+    effective_model_config,
 )
 from pixeldit.training.fallback import newest_readable
 from pixeldit.training.state import TrainState, abstract_sharded_state
@@ -80,6 +81,7 @@ __all__ = [
     "read_meta",
     "restore_sharded_train_state",
     "restore_train_state",
+    "run_meta",
     "save_model_checkpoint",
     "save_train_state",
 ]
@@ -138,6 +140,15 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
     if type(dataset).__repr__ is not object.__repr__:  # a custom repr; the default one holds an address
         desc["repr"] = repr(dataset)
     return desc
+
+
+def run_meta(model_config: Any, train_config: TrainConfig, dataset: Any) -> dict[str, Any]:
+    """The JSON metadata a run stores with its checkpoints and checks a resume against
+    (:func:`check_compatible`): the effective model config (``compute_dtype`` / ``remat`` applied),
+    the train config and the dataset's description."""
+    cfg = effective_model_config(model_config, train_config)
+    return json_roundtrip({"model_config": cfg.to_dict(), "train_config": train_config.to_dict(),
+                           "dataset": describe_dataset(dataset)})
 
 
 def checkpoint_manager(workdir: str | os.PathLike, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:

@@ -25,12 +25,11 @@ from pixeldit.training.checkpoint import (
     CONFIG_FILE,
     check_compatible,
     checkpoint_manager,
-    describe_dataset,
-    json_roundtrip,
     newest_intact,
     quiet_orbax,
     read_meta,
     restore_train_state,
+    run_meta,
     save_train_state,
 )
 from pixeldit.training.config import TrainConfig, effective_model_config
@@ -188,7 +187,7 @@ def train(
     tc, workdir = train_config, Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = effective_model_config(model_config, tc)
-    meta = json_roundtrip({"model_config": cfg.to_dict(), "train_config": tc.to_dict(), "dataset": describe_dataset(dataset)})
+    meta = run_meta(model_config, tc, dataset)
     mesh, fsdp = _mesh(tc)
     is_main = jax.process_index() == 0  # writes config.json / metrics.jsonl / progress
     with workdir_lock(workdir) if is_main else contextlib.nullcontext():

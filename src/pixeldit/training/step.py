@@ -67,7 +67,9 @@ def make_train_step_fn(
     """Pure (un-jitted) train step ``(state, batch[, encoder_state]) -> (new_state, metrics)``.
 
     ``batch`` is ``{"x": (B,H,W,C) float32, "y": condition (optional), "mask":
-    (optional)}``.  ``metrics`` holds float32 scalars ``loss``, ``grad_norm``
+    (optional)}``; it may also carry ``"draws"`` (``t`` / ``noise`` / ``drop``, see
+    :func:`pixeldit.flow.flow_matching_loss`) to replay a step whose random draws are known, e.g.
+    a reference implementation's (the RNG still advances).  ``metrics`` holds float32 scalars ``loss``, ``grad_norm``
     (before clipping) and ``lr`` (used for this update).  ``compute_dtype``
     defaults to ``train_config.compute_dtype`` or float32; with bfloat16 the
     float32 master parameters are cast to bfloat16 inside the loss.
@@ -171,6 +173,7 @@ def _loss_fn(graphdef, tc: TrainConfig, state: TrainState, batch: dict, key, tar
             time_shift=tc.time_shift,
             mask=batch.get("mask"),
             tokens_after=None if repa is None else repa.align_layer,
+            draws=batch.get("draws"),
         )
         if repa is None:
             return loss, {}
