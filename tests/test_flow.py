@@ -161,3 +161,36 @@ def test_flow_matching_loss_bf16_model_output_computed_in_float32():
     x = jax.random.normal(jax.random.key(9), (4, 4, 4, 1))
     loss, aux = flow.flow_matching_loss(Bf16Model(), x, None, jax.random.key(1))
     assert loss.dtype == jnp.float32 and aux["loss_per_example"].dtype == jnp.float32
+
+
+def test_flow_matching_loss_uses_given_draws():
+    x = jax.random.normal(jax.random.key(10), (3, 4, 4, 1))
+    y = jnp.array([1, 2, 0])
+    t = jnp.array([0.2, 0.5, 0.9])
+    eps = jax.random.normal(jax.random.key(11), x.shape)
+    drop = jnp.array([False, True, False])
+    model = _LinearModel(a=0.5)
+    loss, aux = flow.flow_matching_loss(model, x, y, jax.random.key(12), p_uncond=0.1, time_shift=3.0,
+                                        draws={"t": t, "noise": eps, "drop": drop})
+    xt = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * eps  # the given t is not shifted again
+    np.testing.assert_allclose(loss, jnp.mean((0.5 * xt - (x - eps)) ** 2), rtol=1e-6)
+    np.testing.assert_array_equal(aux["t"], t)
+    np.testing.assert_array_equal(model.calls[0][2], [1, 10, 0])  # exactly the dropped example takes the null label
+    # a draw left out is still drawn from the key: only the noise given, t as without draws
+    _, aux_key = flow.flow_matching_loss(_LinearModel(), x, y, jax.random.key(12), p_uncond=0.0)
+    _, aux_partial = flow.flow_matching_loss(_LinearModel(), x, y, jax.random.key(12), p_uncond=0.0,
+                                             draws={"noise": eps})
+    np.testing.assert_array_equal(aux_partial["t"], aux_key["t"])
+
+
+@pytest.mark.parametrize("draws, words", [
+    ({"t": jnp.zeros(4)}, ["draws['t']", "(3,)", "(4,)"]),
+    ({"noise": jnp.zeros((3, 4, 4, 2))}, ["draws['noise']", "(3, 4, 4, 1)"]),
+    ({"time": jnp.zeros(3)}, ["unknown draws ['time']"]),
+])
+def test_flow_matching_loss_rejects_bad_draws(draws, words):
+    x = jnp.zeros((3, 4, 4, 1))
+    with pytest.raises(ValueError) as e:
+        flow.flow_matching_loss(_LinearModel(), x, None, jax.random.key(0), draws=draws)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
