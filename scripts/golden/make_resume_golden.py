@@ -56,7 +56,8 @@ def load_reference(repo: Path):
     from pixdit_core.pixeldit_c2i import PixDiT  # noqa: PLC0415
 
     _stub("torchvision"), _stub("torchvision.transforms", Normalize=None)
-    _stub("timm"), _stub("timm.data"), _stub("timm.data.constants", IMAGENET_DEFAULT_MEAN=None, IMAGENET_DEFAULT_STD=None)
+    _stub("timm"), _stub("timm.data")
+    _stub("timm.data.constants", IMAGENET_DEFAULT_MEAN=None, IMAGENET_DEFAULT_STD=None)
 
     def no_grad(net):  # c2i/src/utils.py no_grad, without the Lightning imports of that module
         for p in net.parameters():

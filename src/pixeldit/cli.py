@@ -277,8 +277,9 @@ def convert(
     step: Optional[int] = typer.Option(None, "--step", help="Workdir checkpoint step (default: latest)."),
     config: Optional[str] = typer.Option(
         None, "--config", "-c",
-        help="Continue a reference training run: the run config (built-in name or .toml) it resumes under. SOURCE is "
-             "then a Lightning training checkpoint (denoiser, EMA, REPA projector, global_step) and DEST a resumable workdir."),
+        help="Continue a reference training run: the run config (built-in name or .toml) it resumes under. SOURCE "
+             "is then a Lightning training checkpoint (denoiser, EMA, REPA projector, global_step) and DEST a "
+             "resumable workdir."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " With --config only."),
     data: Optional[str] = typer.Option(None, "--data", help="With --config: train on this data source instead."),
 ) -> None:
@@ -294,7 +295,8 @@ def convert(
                 raise ConfigError("--preset/--kwargs/--kind/--raw/--image-size/--step do not apply with --config: the "
                                   "run config gives the model, the checkpoint's global_step the step")
             if source.is_dir() or not convert.is_reference_file(source):
-                raise ConfigError(f"--config needs a reference training checkpoint file (.ckpt) as SOURCE, got '{source}'")
+                raise ConfigError(f"--config needs a reference training checkpoint file (.ckpt) as SOURCE, "
+                                  f"got '{source}'")
             from pixeldit.reference_run import reference_run_to_workdir
 
             return reference_run_to_workdir(source, dest, config, set_, data=data)

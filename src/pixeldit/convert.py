@@ -301,7 +301,8 @@ def read_raw_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     else:
         raise ValueError(f"unsupported checkpoint type {path.suffix!r} ({path}); expected .safetensors, .ckpt, .pth or .pt")
     if not isinstance(raw, Mapping):
-        raise ConversionError(f"'{path}' holds a {type(raw).__name__}, not a dict of tensors (a state dict or a checkpoint)")
+        raise ConversionError(f"'{path}' holds a {type(raw).__name__}, not a dict of tensors "
+                              "(a state dict or a checkpoint)")
     return raw
 
 

@@ -191,7 +191,10 @@ def flow_matching_loss(
         t = jnp.asarray(draws["t"], jnp.float32)
     else:
         t = sample_time(k_t, batch, distribution=time_distribution, mean=time_mean, std=time_std, shift=time_shift)
-    eps = jnp.asarray(draws["noise"], jnp.float32) if "noise" in draws else jax.random.normal(k_eps, x.shape, jnp.float32)
+    if "noise" in draws:
+        eps = jnp.asarray(draws["noise"], jnp.float32)
+    else:
+        eps = jax.random.normal(k_eps, x.shape, jnp.float32)
     x_t = interpolate(x, eps, t)
     target = target_velocity(x, eps)
     if y is not None and "drop" in draws:
