@@ -4,7 +4,8 @@
 (``scripts/golden/make_resume_golden.py``): the checkpoint's weights, the batch, every random draw,
 the encoder tokens and the losses.  The checkpoint goes through the user path into a workdir; the
 state a resumed run restores from it, stepped by the train step the training loop uses on the same
-inputs and draws, must give the reference's losses and gradient norm.
+inputs and draws, must give the reference's losses and gradient norm (float32 products at full
+precision, as the reference computes them: the REPA projector is outside the model's own choice).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _restore(workdir: Path):
     return state, model_config, train_config
 
 
-def test_first_step_after_conversion_matches_the_reference_step(ckpt, tmp_path, capsys):
+def test_first_step_after_conversion_matches_the_reference_step(ckpt, tmp_path, capsys, reference_precision):
     workdir = tmp_path / "run"
     code, out, err = _convert(capsys, ckpt, workdir)
     assert code == 0, err
