@@ -40,7 +40,7 @@ from flax import nnx
 
 from pixeldit.blocks import DiTBlock
 from pixeldit.embedders import PatchTokenEmbedder, patchify
-from pixeldit.modules import RMSNorm, TimestepConditioner, linear, modulate
+from pixeldit.modules import Buffer, RMSNorm, TimestepConditioner, linear, modulate
 from pixeldit.rope import rope_2d_angles
 
 LOG_EPS = 1e-6  # floor inside the log of the power pooling and of the field's mean square
@@ -195,16 +195,35 @@ class FieldEncoder(nnx.Module):
         self.norm = RMSNorm(d, param_dtype=jnp.float32)
         self.spectral_pooling = c.spectral_pooling
         num_spectral = c.in_channels * spectral_shells(c.image_size, c.image_size).shape[1] if c.spectral_pooling else 0
+        # z-scoring of the fixed (unlearned) summary features: log-RMS and the log shell powers,
+        # whose offsets span ~10 nats between shells.  Identity until set_standardization().
+        self.feature_shift = Buffer(jnp.zeros((1 + num_spectral,), jnp.float32))
+        self.feature_scale = Buffer(jnp.ones((1 + num_spectral,), jnp.float32))
         self.pool_proj = nnx.Sequential(
             linear(3 * d + 1 + num_spectral, c.summary_dim, rngs=rngs),
             jax.nn.silu,
             linear(c.summary_dim, c.summary_dim, rngs=rngs),
         )
 
+    def fixed_features(self, x: jax.Array) -> jax.Array:
+        """The summary features that no weight shapes, before z-scoring: ``(B, 1 + C * shells)``."""
+        x = x.astype(jnp.float32)
+        log_rms = 0.5 * jnp.log(jnp.mean(x * x, axis=(1, 2, 3)) + LOG_EPS)  # (B,)
+        spectral = [spectral_pool(x * jnp.exp(-log_rms)[:, None, None, None])] if self.spectral_pooling else []
+        return jnp.concatenate([log_rms[:, None], *spectral], axis=-1)
+
+    def set_standardization(self, x) -> None:
+        """Z-score the fixed features with their mean and std over the fields ``x`` (prior simulations)."""
+        f = np.asarray(self.fixed_features(jnp.asarray(x)), np.float64)
+        std = f.std(axis=0)
+        self.feature_shift.set_value(jnp.asarray(f.mean(axis=0), jnp.float32))
+        self.feature_scale.set_value(jnp.asarray(np.where(std > 1e-6, std, 1.0), jnp.float32))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, _ = x.shape
         p = self.patch_size
         x = x.astype(jnp.float32)
+        fixed = (self.fixed_features(x) - self.feature_shift.get_value()) / self.feature_scale.get_value()
         log_rms = 0.5 * jnp.log(jnp.mean(x * x, axis=(1, 2, 3)) + LOG_EPS)  # (B,)
         x = x * jnp.exp(-log_rms)[:, None, None, None]  # unit mean square
         c = self.scale_embedder(log_rms[:, None])[:, None, :]  # (B, 1, D)
@@ -214,14 +233,12 @@ class FieldEncoder(nnx.Module):
         z = e
         for block in self.blocks:
             z = block(z, c, rope)  # (B, L, D)
-        spectral = [spectral_pool(x)] if self.spectral_pooling else []  # (B, C * shells)
         pooled = jnp.concatenate(
             [
                 jnp.mean(self.norm(z), axis=1),  # (B, D) token mean
                 jnp.log(jnp.mean(e * e, axis=1) + LOG_EPS),  # (B, D) band powers of the patch filters
                 jnp.log(jnp.mean(z * z, axis=1) + LOG_EPS),  # (B, D) band powers after the blocks
-                log_rms[:, None],  # (B, 1)
-                *spectral,
+                fixed,  # (B, 1 + C * shells) log-RMS and log shell powers, z-scored
             ],
             axis=-1,
         )

@@ -44,7 +44,9 @@ from pixeldit.runconfig import RUN_FILE
 
 CHECKPOINT_NAME = "posterior.safetensors"
 CHECKPOINT_FORMAT = "pixeldit-amortized-posterior-1"
-POSTERIOR_KIND = "posterior"  # model.kind in the run.json of a posterior run (pixeldit.posterior_run)
+POSTERIOR_KIND = "posterior"
+STANDARDIZE_FIELDS = 4096  # prior simulations that set the z-scoring of the encoder's fixed features
+STANDARDIZE_BATCH_INDEX = 10**9  # a GRFDataset batch index no training step reaches (the stream is indexed by step)  # model.kind in the run.json of a posterior run (pixeldit.posterior_run)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def train_posterior(
     tc = train_config
     data = GRFDataset(config.image_size, seed=tc.seed, prior_low=config.prior_low, prior_high=config.prior_high)
     model = AmortizedPosterior(config, rngs=nnx.Rngs(tc.seed))
-    graphdef, params = nnx.split(model)
+    model.encoder.set_standardization(data.get_batch(STANDARDIZE_BATCH_INDEX, STANDARDIZE_FIELDS)["x"])
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
     opt = _optimizer(tc)
     opt_state = opt.init(params)
     ema = jax.tree.map(jnp.copy, params)
@@ -141,7 +144,7 @@ def train_posterior(
     @jax.jit
     def train_step(params, opt_state, ema, x, theta, key, step):
         def loss_fn(p):
-            return posterior_loss(nnx.merge(graphdef, p), x, theta, key, tc.flow_samples)
+            return posterior_loss(nnx.merge(graphdef, p, buffers), x, theta, key, tc.flow_samples)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
@@ -178,7 +181,7 @@ def train_posterior(
     history["steps_done"] = step + 1
     history["train_seconds"] = round(time.perf_counter() - start, 2)
     history["train_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads of this process
-    model = nnx.merge(graphdef, ema)
+    model = nnx.merge(graphdef, ema, buffers)
     if workdir is not None:
         save_posterior(model, workdir)
         (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1))
@@ -234,6 +237,14 @@ def load_posterior(workdir: str | os.PathLike) -> AmortizedPosterior:
     weights = load_file(str(path))
     flat = nnx.to_flat_state(nnx.state(model))
     names = {"/".join(str(p) for p in k) for k, _ in flat}
+    # checkpoints written before the feature z-scoring (2 December 2026) lack its two buffers: identity
+    optional = {n for n in names if n.rsplit("/", 1)[-1] in ("feature_shift", "feature_scale")} - set(weights)
+    names -= optional
+    for key_path, var in flat:
+        if "/".join(str(p) for p in key_path) in optional:
+            fill = jnp.zeros if key_path[-1] == "feature_shift" else jnp.ones
+            var.set_value(fill(var.shape, jnp.float32))
+    flat = [(k, v) for k, v in flat if "/".join(str(p) for p in k) not in optional]
     if names != set(weights):
         raise ValueError(f"{path}: weights do not match the model; missing {sorted(names - set(weights))[:5]}, "
                          f"unexpected {sorted(set(weights) - names)[:5]}")
