@@ -206,8 +206,9 @@ def sample(
 
     res = _call(go)
     if adm_out is not None:
+        share = f" (process {res['process_index']} of {res['process_count']})" if res["process_count"] > 1 else ""
         typer.echo(f"{res['num_samples']} samples from step {res['step']}: {res['batches_drawn']} batches drawn, "
-                   f"{res['batches_skipped']} already there\nADM evaluator file: {res['adm_npz']}")
+                   f"{res['batches_skipped']} already there{share}\nADM evaluator file: {res['adm_npz']}")
         return
     typer.echo(f"{res['num_samples']} samples from step {res['step']} in {res['wall_time']:.1f} s\n"
                f"grid: {res['png']}\narrays: {res['npz']}")

@@ -249,8 +249,10 @@ def make_conditions(model_config, dataset_meta: Mapping[str, Any], n: int, *, la
 def draw_samples(model, model_config, image_shape, y, y_null, *, method: str, steps: int, guidance: float,
                  guidance_interval=(0.0, 1.0), timeshift: float = 1.0, seed: int = 0, batch_size: int = 64,
                  progress: bool = False, time_convention: str | None = None,
-                 theta_encoding: Mapping[str, Any] | None = None, data_scale: float = 1.0) -> np.ndarray:
-    """Draw ``len(y)`` samples ``(N, H, W, C)`` with :func:`pixeldit.sampling.sample_batched`.
+                 theta_encoding: Mapping[str, Any] | None = None, data_scale: float = 1.0,
+                 mesh=None) -> np.ndarray:
+    """Draw ``len(y)`` samples ``(N, H, W, C)`` with :func:`pixeldit.sampling.sample_batched`
+    (data parallel over ``mesh`` when given, see there).
 
     ``y`` / ``y_null`` are labels or raw theta.  A theta model whose config carries its encoding
     takes raw theta; otherwise theta is encoded here with ``theta_encoding`` (the checkpoint's
@@ -268,7 +270,7 @@ def draw_samples(model, model_config, image_shape, y, y_null, *, method: str, st
         None if guidance == 1.0 else y_null,
         batch_size=min(batch_size, n), method=method, num_steps=steps, progress=progress,
         guidance=float(guidance), guidance_interval=tuple(float(v) for v in guidance_interval),
-        timeshift=float(timeshift),
+        timeshift=float(timeshift), mesh=mesh,
     )
     return x if data_scale == 1.0 else (np.asarray(x) * np.float32(data_scale)).astype(np.float32)
 

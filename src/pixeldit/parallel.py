@@ -113,6 +113,7 @@ __all__ = [
     "fsdp_size",
     "host_batch",
     "initialize_distributed",
+    "local_data_mesh",
     "make_mesh",
     "param_spec",
     "parse_mesh_spec",
@@ -290,6 +291,16 @@ def make_mesh(spec: Any = None, devices: Sequence[jax.Device] | None = None) -> 
             raise ValueError(f"a multi-host mesh must use all {len(devices)} devices, {spec!r} uses {math.prod(shape)}")
         devices = devices[: math.prod(shape)]
     return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
+
+
+def local_data_mesh() -> Mesh | None:
+    """Data-parallel mesh over this process's devices (:func:`jax.local_devices`); None with one device.
+
+    For work every process does on its own, such as drawing its share of an ADM export
+    (:func:`pixeldit.evaluate.fid_eval.adm_export`): no collective crosses hosts.
+    """
+    devices = jax.local_devices()
+    return make_mesh("data", devices) if len(devices) > 1 else None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -42,6 +42,7 @@ from pixeldit.evaluate import benchmarks, plot_sample_grid
 from pixeldit.evaluate.fid_eval import adm_export, fid_against_data
 from pixeldit.fid import load_fid_inception
 from pixeldit.model import CONFIG_KINDS, PRESETS, config_from_dict, count_params, preset
+from pixeldit.parallel import initialize_distributed, local_data_mesh
 from pixeldit.runconfig import (
     RUN_FILE,
     ConfigError,
@@ -298,9 +299,13 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     condition as ``y`` (labels) or ``theta``, and the settings as JSON in ``settings``);
     ``out`` defaults to ``workdir/samples``.  Returns the paths and settings.  With ``adm_out``
     the samples go instead to ADM-evaluator batches in that folder, one per ``sample.batch_size``
-    (resumable: :func:`pixeldit.evaluate.fid_eval.adm_export`).
+    (resumable: :func:`pixeldit.evaluate.fid_eval.adm_export`), each drawn data parallel over
+    this process's devices; started on several hosts (:func:`pixeldit.parallel.initialize_distributed`)
+    each process draws its share of the batches.
     """
     workdir = Path(workdir)
+    if adm_out is not None:
+        initialize_distributed()  # a no-op unless the environment asks for multi-host
     run = read_run_config(workdir)
     sample = apply_section_overrides(run.sample if run else SampleSection(), overrides, ("sample",))["sample"]
     ckpt = load_checkpoint(workdir, step=step, ema=ema)
@@ -317,12 +322,14 @@ def sample_run(workdir: str | os.PathLike, *, out: str | os.PathLike | None = No
     image_shape = _image_shape(meta, sample, model_config.patch_size)
     settings = dict(sample.to_dict(), step=int(meta["step"]), ema=ema, workdir=str(workdir))
 
+    mesh = local_data_mesh() if adm_out is not None else None
+
     def draw(y, y_null, seed, progress=False):
         return draw_samples(model, model_config, image_shape, y, y_null, method=sample.method, steps=sample.steps,
                             guidance=sample.guidance, guidance_interval=sample.guidance_interval,
                             timeshift=sample.timeshift, seed=seed, batch_size=sample.batch_size, progress=progress,
                             time_convention=meta.get("time_convention"), theta_encoding=dmeta.get("theta_encoding"),
-                            data_scale=data_scale_of(meta))
+                            data_scale=data_scale_of(meta), mesh=mesh)
 
     t0 = time.perf_counter()
     if adm_out is not None:
