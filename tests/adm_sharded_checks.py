@@ -2,7 +2,9 @@
 
 Usage::
 
-    python tests/adm_sharded_checks.py OUT_DIR
+    python tests/adm_sharded_checks.py OUT_DIR          # one process, 2 devices
+    python tests/adm_sharded_checks.py OUT_DIR multi    # one of 2 jax.distributed processes
+                                                        # (JAX_COORDINATOR_ADDRESS etc. set)
 
 The device count must be forced before JAX initialises, hence a separate process.  A tiny
 class-conditional model (random weights) draws the same export twice: on one device
@@ -10,6 +12,9 @@ class-conditional model (random weights) draws the same export twice: on one dev
 devices into ``OUT_DIR/two``; then batch 1 of ``two`` is deleted and the sharded export
 resumed.  It writes ``OUT_DIR/result.json`` (counts, shardings seen by the sampler) and
 ``OUT_DIR/floats.npz`` (the float samples of both paths); the assertions live in the test.
+In ``multi`` mode each process exports its share of a numpy-drawn export into ``OUT_DIR/shared``
+with the real barrier (process 1 after a pause, so that process 0 waits for its files) and
+writes ``OUT_DIR/result_<process>.json``.
 """
 
 import os
@@ -75,5 +80,26 @@ def main(out: Path) -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
+def numpy_draw(yb, ynb, seed):
+    """A stand-in sampler: images fixed by the batch seed."""
+    return np.random.default_rng(seed).uniform(-1, 1, (len(yb), 4, 4, 3)).astype(np.float32)
+
+
+def multi(out: Path) -> None:
+    import time  # noqa: PLC0415
+
+    parallel.initialize_distributed()
+    pid = jax.process_index()
+    if pid == 1:
+        time.sleep(2.0)  # process 0 reaches the barrier first: its merge must wait for these files
+    y = np.arange(NUM) % CFG.num_classes
+    res = adm_export(numpy_draw, y, y, out / "shared", batch_size=2, seed=SEED, labels=True)
+    res["merged_exists_on_return"] = Path(res["adm_npz"]).is_file()
+    (out / f"result_{pid}.json").write_text(json.dumps(res))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2] == "multi":
+        multi(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

@@ -1,11 +1,13 @@
-"""ADM export data parallel over 2 simulated CPU devices equals the single-device export.
+"""ADM export data parallel over 2 simulated CPU devices equals the single-device export; two
+``jax.distributed`` processes share an export and process 0 joins it after the barrier.
 
-The device count must be forced before JAX initialises, so the export runs in a subprocess
-(``tests/adm_sharded_checks.py``), which writes its files and measurements; the assertions are here.
+The device count must be forced before JAX initialises, so the exports run in subprocesses
+(``tests/adm_sharded_checks.py``), which write their files and measurements; the assertions are here.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +15,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pixeldit.evaluate.fid_eval import as_uint8_rgb, batch_seed
+
 SCRIPT = Path(__file__).with_name("adm_sharded_checks.py")
 TIMEOUT = 600  # generous: compiles are slow on a loaded 2-core machine
+
+
+def _env(**extra):
+    drop = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS",
+            "PIXELDIT_DISTRIBUTED")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
 
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
     out = tmp_path_factory.mktemp("adm_sharded")
-    drop = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS",
-            "PIXELDIT_DISTRIBUTED")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = _env()
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)
     if proc.returncode:
-        pytest.fail(f"adm_sharded_checks.py failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"adm_sharded_checks.py failed (rc={proc.returncode}):\n"
+                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return out, json.loads((out / "result.json").read_text())
 
 
@@ -71,3 +81,32 @@ def test_sharded_draw_equals_the_single_device_draw(checks):
 def test_sharded_export_resumes_the_missing_batch(checks):
     _, r = checks
     assert (r["resumed"]["batches_drawn"], r["resumed"]["batches_skipped"]) == (1, 2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_an_export_and_process_0_merges_after_the_barrier(tmp_path):
+    addr = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "multi"],
+                              env=_env(JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=TIMEOUT)
+        if p.returncode:
+            pytest.fail(f"process {i} failed (rc={p.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+    r0, r1 = (json.loads((tmp_path / f"result_{i}.json").read_text()) for i in range(2))
+    assert (r0["process_count"], r0["process_index"], r1["process_index"]) == (2, 0, 1)
+    assert (r0["batches"], r0["batches_drawn"], r1["batches_drawn"]) == (4, 2, 2)  # 7 samples in 2s: 0, 2 | 1, 3
+    assert r0["merged_exists_on_return"]  # process 0 merged only after process 1's late files were there
+    with np.load(tmp_path / "shared" / "samples_7.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (7, 4, 4, 3)
+    np.testing.assert_array_equal(labels, np.arange(7) % 10)
+    # the stand-in sampler of adm_sharded_checks.py, batch i seeded by batch_seed(5, i)
+    expected = [as_uint8_rgb(np.random.default_rng(batch_seed(5, i)).uniform(-1, 1, (n, 4, 4, 3))
+                             .astype(np.float32)) for i, n in enumerate((2, 2, 2, 1))]
+    np.testing.assert_array_equal(images, np.concatenate(expected))
