@@ -1,7 +1,7 @@
 """Accuracy of a trained `grf` emulator as a likelihood, against the exact GRF answer.
 
     PYTHONPATH=src python scripts/infer_check.py RUN_DIR [--train-steps N] [--fields 50]
-        [--posterior-fields 20] [--divergence hutchinson --probes 4] [--out check.json]
+        [--posterior-fields 20] [--divergence hutchinson --probes 4 --probe spectral] [--out check.json]
 
 Loads the run's latest checkpoint (EMA weights unless --no-ema) (training it first with the built-in `grf` config and
 ``train.steps = N`` when RUN_DIR has none and --train-steps is given), simulates held-out
@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--posterior-fields", type=int, default=20)
     p.add_argument("--divergence", default="hutchinson", choices=["exact", "hutchinson"])
     p.add_argument("--probes", type=int, default=4)
+    p.add_argument("--probe", default="spectral", choices=["spectral", "rademacher", "gaussian"])
     p.add_argument("--noise-fields", type=int, default=4, help="fields for the Hutchinson noise of differences")
     p.add_argument("--no-ema", action="store_true", help="the raw weights (a short run's EMA still holds the init)")
     p.add_argument("--out", type=Path, default=None)
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
     fields = grf.simulate(theta, rng, size)
     opts = dict(divergence=a.divergence)
     if a.divergence == "hutchinson":
-        opts.update(probes=a.probes, key=jax.random.key(0))
+        opts.update(probes=a.probes, probe=a.probe, key=jax.random.key(0))
 
     start = time.perf_counter()
     corr = likelihood_correlation(emu, fields, low, high, **opts)

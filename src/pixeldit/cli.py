@@ -352,6 +352,7 @@ def likelihood(
     theta: str = typer.Option(..., "--theta", help="Theta rows, e.g. '0.5,2.0;-0.5,3.5'."),
     divergence: str = typer.Option("hutchinson", "--divergence", help=cli_infer.DIVERGENCE_HELP),
     probes: int = typer.Option(16, "--probes", help="Hutchinson probes (the same for every theta)."),
+    probe: str = typer.Option("spectral", "--probe", help=cli_infer.PROBE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the probes."),
     guidance: float = typer.Option(1.0, "--guidance", help="Must be 1: a guided velocity has no density."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
@@ -362,7 +363,7 @@ def likelihood(
 
     rows = _parse_rows(theta)
     res = _call(lambda: infer_run.likelihood_run(run, observed, rows, step=step, ema=not raw, divergence=divergence,
-                                                 probes=probes, seed=seed, guidance=guidance))
+                                                 probes=probes, seed=seed, guidance=guidance, probe=probe))
     typer.echo(f"log p(x | theta) in nats over {res['dim']} dimensions ({res['divergence']} divergence)")
     for i, values in enumerate(res["log_prob"]):
         for j, th in enumerate(res["theta"]):

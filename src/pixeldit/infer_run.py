@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from pixeldit.conditions import data_scale_of, dataset_meta
 from pixeldit.data import DataError, make_rng
 from pixeldit.data import grf
-from pixeldit.inference import (DIVERGENCES, Emulator, Posterior, emulator_log_likelihood, grid_posterior, log_prob,
-                                mcmc_posterior)
+from pixeldit.inference import (DIVERGENCES, PROBES, Emulator, Posterior, emulator_log_likelihood, grid_posterior,
+                                log_prob, mcmc_posterior)
 from pixeldit.inference.amortized import sample_posterior
 from pixeldit.inference.calibration import calibrate, exact_grf_posterior
 from pixeldit.inference.posterior import INTERVALS
@@ -50,6 +50,7 @@ INFER_DIR = "infer"
 CALIBRATE_DIR = "calibrate"
 GRID_MAX_PARAMS = 3  # the zooming grid up to this many parameters, MCMC above
 CALIBRATION_SEED_STREAM = 23  # fresh simulations: a seed stream apart from the training data's
+DEFAULT_PROBE = "spectral"  # Hutchinson probes of field likelihoods: pixeldit.inference.probes
 
 
 def emulator_from_checkpoint(ckpt) -> Emulator:
@@ -103,18 +104,18 @@ class InferenceRun:
     workdir: Path
 
     def posterior(self, field, *, num_samples: int, seed: int = 0, divergence: str = "hutchinson",
-                  probes: int = 4, grid: Mapping[str, Any] | None = None) -> Posterior:
+                  probes: int = 4, probe: str = DEFAULT_PROBE, grid: Mapping[str, Any] | None = None) -> Posterior:
         """The posterior of one field ``(H, W, C)``.
 
         Amortised draws, or the grid (<= 3 parameters) or MCMC over the emulator's likelihood
-        (``divergence``, ``probes``; ``grid`` options of :func:`pixeldit.inference.grid_posterior`).
+        (``divergence``, ``probes``, ``probe``; ``grid`` options of :func:`pixeldit.inference.grid_posterior`).
         """
         if self.route == "amortized":
             draws = sample_posterior(self.model, np.asarray(field, np.float32)[None], num_samples, jax.random.key(seed))
             return posterior_from_samples(np.asarray(draws[0], np.float64))
         options = {"divergence": divergence}
         if divergence == "hutchinson":
-            options.update(probes=probes, key=jax.random.key(seed))
+            options.update(probes=probes, probe=probe, key=jax.random.key(seed))
         ll = emulator_log_likelihood(self.model, field, **options)
         if len(self.low) <= GRID_MAX_PARAMS:
             return grid_posterior(ll, self.low, self.high, num_samples=num_samples, seed=seed, **dict(grid or {}))
@@ -203,7 +204,8 @@ def read_observed(path: str | os.PathLike, image_shape: Sequence[int]) -> tuple[
     return x.astype(np.float32), theta
 
 
-def _check_options(divergence: str, probes: int, guidance: float = 1.0, grid: Mapping[str, Any] | None = None) -> None:
+def _check_options(divergence: str, probes: int, guidance: float = 1.0, grid: Mapping[str, Any] | None = None,
+                   probe: str = DEFAULT_PROBE) -> None:
     """One-line errors for likelihood options (before any model is loaded)."""
     if guidance != 1.0:
         raise ConfigError(f"inference needs guidance 1 (the model's own velocity), got {guidance}: a classifier-free-"
@@ -212,9 +214,16 @@ def _check_options(divergence: str, probes: int, guidance: float = 1.0, grid: Ma
         raise ConfigError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if divergence == "hutchinson" and probes < 1:
         raise ConfigError(f"the Hutchinson divergence needs probes >= 1, got {probes}")
+    if probe not in PROBES:
+        raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
     cells = {k: v for k, v in dict(grid or {}).items() if k in ("coarse", "fine")}
     if any(int(v) < 3 for v in cells.values()):
         raise ConfigError(f"grid cells per parameter must be >= 3, got {cells}")
+
+
+def _likelihood_meta(divergence: str, probes: int, probe: str) -> dict[str, Any]:
+    hutchinson = divergence == "hutchinson"
+    return {"divergence": divergence, "probes": probes if hutchinson else None, "probe": probe if hutchinson else None}
 
 
 def _exact_posterior(run: InferenceRun, field, num_samples: int, seed: int) -> Posterior | None:
@@ -227,15 +236,15 @@ def _exact_posterior(run: InferenceRun, field, num_samples: int, seed: int) -> P
 def infer_run(workdir: str | os.PathLike, observed: str | os.PathLike, *, num_samples: int = 1000,
               out: str | os.PathLike | None = None, step: int | None = None, ema: bool = True, plots: int = 4,
               seed: int = 0, divergence: str = "hutchinson", probes: int = 4, guidance: float = 1.0,
-              grid: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+              grid: Mapping[str, Any] | None = None, progress: bool = True, probe: str = DEFAULT_PROBE) -> dict[str, Any]:
     """Posterior of theta for every field of ``observed`` (.npz with ``x``) under the run ``workdir``.
 
     Writes ``posterior.npz``, ``summary.json`` and ``corner_<i>.png`` for the first ``plots``
-    observations into ``out`` (module docstring).  ``divergence`` / ``probes`` set the
+    observations into ``out`` (module docstring).  ``divergence`` / ``probes`` / ``probe`` set the
     emulator's likelihood (:func:`pixeldit.inference.log_prob`), ``grid`` options of
     :func:`pixeldit.inference.grid_posterior`.  Returns the summary with the paths.
     """
-    _check_options(divergence, probes, guidance, grid)
+    _check_options(divergence, probes, guidance, grid, probe)
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     run = load_inference_run(workdir, step=step, ema=ema)
@@ -244,7 +253,8 @@ def infer_run(workdir: str | os.PathLike, observed: str | os.PathLike, *, num_sa
     out.mkdir(parents=True, exist_ok=True)
     samples, means, stds, per_obs, figures = [], [], [], [], []
     for i in tqdm(range(len(x)), desc="posterior", unit="field", disable=not progress):
-        post = run.posterior(x[i], num_samples=num_samples, seed=seed, divergence=divergence, probes=probes, grid=grid)
+        post = run.posterior(x[i], num_samples=num_samples, seed=seed, divergence=divergence, probes=probes, probe=probe,
+                             grid=grid)
         samples.append(post.samples)
         means.append(post.mean)
         stds.append(post.std)
@@ -266,8 +276,7 @@ def infer_run(workdir: str | os.PathLike, observed: str | os.PathLike, *, num_sa
     summary = {"workdir": str(run.workdir), "step": run.step, "route": run.route, "observed": str(observed),
                "num_observations": len(x), "num_samples": num_samples, "parameters": run.names,
                "prior_low": run.low.tolist(), "prior_high": run.high.tolist(),
-               "likelihood": {"divergence": divergence, "probes": probes if divergence == "hutchinson" else None},
-               "observations": per_obs}
+               "likelihood": _likelihood_meta(divergence, probes, probe), "observations": per_obs}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return dict(summary, posterior_npz=str(out / "posterior.npz"), summary_json=str(out / "summary.json"),
                 plots=figures)
@@ -277,7 +286,7 @@ def infer_run(workdir: str | os.PathLike, observed: str | os.PathLike, *, num_sa
 def calibrate_run(workdir: str | os.PathLike, *, num: int = 100, num_samples: int = 200,
                   out: str | os.PathLike | None = None, step: int | None = None, ema: bool = True, seed: int = 0,
                   divergence: str = "hutchinson", probes: int = 4, grid: Mapping[str, Any] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, probe: str = DEFAULT_PROBE) -> dict[str, Any]:
     """SBC and TARP of the run's posterior on ``num`` fresh simulations from the run's simulator.
 
     Thetas are drawn from the prior box, one field simulated at each (seeded by ``seed``, on a
@@ -289,7 +298,7 @@ def calibrate_run(workdir: str | os.PathLike, *, num: int = 100, num_samples: in
     """
     if num < 2 or num_samples < 1:
         raise ConfigError(f"calibration needs num >= 2 simulations and num_samples >= 1, got {num} and {num_samples}")
-    _check_options(divergence, probes, grid=grid)
+    _check_options(divergence, probes, grid=grid, probe=probe)
     run = load_inference_run(workdir, step=step, ema=ema)
     if run.data != "grf":
         raise ConfigError(f"calibrate simulates fresh fields, and only the built-in grf data has a simulator here "
@@ -298,7 +307,7 @@ def calibrate_run(workdir: str | os.PathLike, *, num: int = 100, num_samples: in
     theta_true = grf.sample_prior(rng, num, run.low, run.high)
     x = grf.simulate(theta_true, rng, run.image_shape[0])
     samples = [run.posterior(x[i], num_samples=num_samples, seed=seed + i, divergence=divergence, probes=probes,
-                             grid=grid).samples
+                             probe=probe, grid=grid).samples
                for i in tqdm(range(num), desc="calibrate", unit="sim", disable=not progress)]
     samples = np.stack(samples)
     cal = calibrate(samples, theta_true, run.low, run.high, seed=seed)
@@ -309,7 +318,7 @@ def calibrate_run(workdir: str | os.PathLike, *, num: int = 100, num_samples: in
     tarp_plot(cal.alpha, cal.ecp, path=plots["tarp"])
     np.savez(out / "posterior.npz", theta=samples, theta_true=theta_true, x=x)
     report = dict(cal.report(run.names), workdir=str(run.workdir), step=run.step, route=run.route, seed=seed,
-                  likelihood={"divergence": divergence, "probes": probes if divergence == "hutchinson" else None})
+                  likelihood=_likelihood_meta(divergence, probes, probe))
     (out / "calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     return dict(report, calibration_json=str(out / "calibration.json"), posterior_npz=str(out / "posterior.npz"),
                 plots=plots)
@@ -317,14 +326,14 @@ def calibrate_run(workdir: str | os.PathLike, *, num: int = 100, num_samples: in
 
 def likelihood_run(workdir: str | os.PathLike, observed: str | os.PathLike, thetas, *, step: int | None = None,
                    ema: bool = True, divergence: str = "hutchinson", probes: int = 16, seed: int = 0,
-                   guidance: float = 1.0) -> dict[str, Any]:
+                   guidance: float = 1.0, probe: str = DEFAULT_PROBE) -> dict[str, Any]:
     """``log p(x | theta)`` of every field of ``observed`` at each row of ``thetas`` ``(M, K)``.
 
     Returns ``theta`` ``(M, K)``, ``log_prob`` ``(N, M)`` in nats (data units; the GRF's on its
     zero-mean subspace), ``stderr`` (Hutchinson's, ``None`` for the exact divergence),
     ``bits_per_dim`` and, for the built-in grf data, the ``exact`` log-likelihood ``(N, M)``.
     """
-    _check_options(divergence, probes, guidance)
+    _check_options(divergence, probes, guidance, probe=probe)
     run = load_inference_run(workdir, step=step, ema=ema)
     if run.route != "emulator":
         raise ConfigError(f"'{workdir}' is an amortised posterior run; the likelihood needs a theta-conditional run")
@@ -337,9 +346,9 @@ def likelihood_run(workdir: str | os.PathLike, observed: str | os.PathLike, thet
         raise ConfigError("theta rows must be finite numbers")
     options = {"divergence": divergence}
     if divergence == "hutchinson":
-        options.update(probes=probes, key=jax.random.key(seed))
+        options.update(probes=probes, probe=probe, key=jax.random.key(seed))
     res = log_prob(run.model, x, theta.astype(np.float32), **options)
     exact = np.stack([grf.grf_log_likelihood(f, theta) for f in x]) if run.data == "grf" else None
     return {"workdir": str(run.workdir), "step": run.step, "theta": theta, "log_prob": res.value, "stderr": res.stderr,
             "bits_per_dim": res.bits_per_dim, "dim": res.dim, "exact": exact, "names": run.names,
-            "divergence": divergence, "probes": probes if divergence == "hutchinson" else None}
+            **_likelihood_meta(divergence, probes, probe)}

@@ -103,7 +103,7 @@ def test_field_alone_equals_field_in_batch(grf_case):
             assert alone.num_steps[0, 0] == batch.num_steps[i, j]
 
 
-@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "spectral"])
 def test_hutchinson_is_unbiased(grf_case, probe):
     x, theta = grf_case
     emu = Emulator(grf_velocity, mean_mode="zero_mean")

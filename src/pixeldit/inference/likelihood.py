@@ -61,9 +61,9 @@ import numpy as np
 
 from ..sampling import sample_batched
 from ..static_model import merge_model, split_model
+from .probes import PROBES, draw_probes
 
 DIVERGENCES = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
 MEAN_MODES = ("full", "zero_mean")
 
 __all__ = ["DIVERGENCES", "Emulator", "LogProb", "MEAN_MODES", "PROBES", "log_prob"]
@@ -191,8 +191,10 @@ def log_prob(
       x: fields ``(N, H, W, C)`` (or one field ``(H, W, C)``), data units.
       theta: ``(M, K)`` shared by all fields, or ``(N, M, K)`` per field (physical units).
       divergence: ``"exact"`` or ``"hutchinson"`` (module docstring).
-      probes, probe, key: Hutchinson probe count, distribution and PRNG key (required then):
-        one key (field ``i`` uses ``fold_in(key, i)``) or a batch of ``N`` keys, one per field.
+      probes, probe, key: Hutchinson probe count, kind and PRNG key (required then): one key
+        (field ``i`` uses ``fold_in(key, i)``) or a batch of ``N`` keys, one per field.  ``probe``:
+        ``"rademacher"``, ``"gaussian"`` or ``"spectral"`` (random-phase fields: far less noise
+        for fields with near-stationary statistics, :mod:`pixeldit.inference.probes`).
       rtol, atol: diffrax PID controller tolerances on the state and the divergence integrals.
       max_steps: solver step limit per pair; a pair that hits it returns NaN.
       exact_chunk: JVPs evaluated together for the exact divergence (memory vs speed).
@@ -289,12 +291,6 @@ def _error_norm(scaled_error):
     return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x_err))), jnp.max(jnp.abs(acc_err)))
 
 
-def _draw_probes(key, shape, count: int, kind: str):
-    if kind == "rademacher":
-        return jax.random.rademacher(key, (count,) + shape, jnp.float32)
-    return jax.random.normal(key, (count,) + shape, jnp.float32)
-
-
 @partial(jax.jit, static_argnames=("static_model", "encode", "zero_mean", "divergence", "probes", "probe",
                                    "rtol", "atol", "max_steps", "exact_chunk"))
 def _solve_all(static_model, params, x, theta, keys, center, scale, *, encode, zero_mean, divergence, probes,
@@ -341,7 +337,7 @@ def _solve_all(static_model, params, x, theta, keys, center, scale, *, encode, z
         return jnp.mean(per_probe), per_probe, sol.stats["num_steps"]
 
     def solve_field(k, xi, thetas):
-        z = _draw_probes(k, (h, w, c), probes, probe)
+        z = draw_probes(k, (h, w, c), probes, probe)
         z = jax.vmap(lambda a: _project(a, zero_mean))(z)
         return jax.vmap(lambda th: solve_pair(xi, th, z))(thetas)
 
