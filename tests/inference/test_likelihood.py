@@ -103,7 +103,7 @@ def test_field_alone_equals_field_in_batch(grf_case):
             assert alone.num_steps[0, 0] == batch.num_steps[i, j]
 
 
-@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "spectral"])
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])  # spectral: exact here, see test_probes.py
 def test_hutchinson_is_unbiased(grf_case, probe):
     x, theta = grf_case
     emu = Emulator(grf_velocity, mean_mode="zero_mean")
@@ -121,7 +121,7 @@ def test_common_random_numbers_reduce_the_variance_of_differences(grf_case):
     xs = np.repeat(x[:1], reps, axis=0)
     keys = jax.random.split(jax.random.key(7), reps)
     r = log_prob(Emulator(grf_velocity, mean_mode="zero_mean"), xs, theta, divergence="hutchinson", probes=2,
-                 key=keys)
+                 probe="rademacher", key=keys)  # spectral probes are exact for this stationary velocity: no noise
     crn = r.value[:, 0] - r.value[:, 1]  # same probes at both thetas
     independent = r.value[:, 0] - np.roll(r.value[:, 1], 1)  # probes of another repetition
     assert np.var(crn) < 0.1 * np.var(independent), (np.var(crn), np.var(independent))

@@ -20,7 +20,8 @@ Divergence
 ----------
 ``"exact"``: the trace of the Jacobian, one JVP per dimension (``H * W * C`` per solver stage,
 chunked by ``exact_chunk``).  For small fields and tests.
-``"hutchinson"``: ``K = probes`` fixed probe fields ``z`` (Rademacher or Gaussian), ``div ~ z^T J z``
+``"hutchinson"``: ``K = probes`` fixed probe fields ``z`` (random-phase "spectral" fields by
+default, or Rademacher / Gaussian: :mod:`pixeldit.inference.probes`), ``div ~ z^T J z``
 (one JVP each).  Each probe gets its own accumulator along the one shared trajectory, so the
 result is the mean over probes with its standard error.  Common random numbers: the probes
 are drawn per *field* (``fold_in(key, field index)``, or a key per field) and shared by every theta, so
@@ -175,7 +176,7 @@ def log_prob(
     *,
     divergence: str = "exact",
     probes: int = 8,
-    probe: str = "rademacher",
+    probe: str = "spectral",
     key: jax.Array | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
