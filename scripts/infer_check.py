@@ -54,8 +54,10 @@ def main(argv=None) -> dict:
     p.add_argument("--probe", default="spectral", choices=["spectral", "rademacher", "gaussian"])
     p.add_argument("--noise-fields", type=int, default=4, help="fields for the Hutchinson noise of differences")
     p.add_argument("--no-ema", action="store_true", help="the raw weights (a short run's EMA still holds the init)")
+    p.add_argument("--grid", default="8,16", help="COARSE,FINE cells per parameter of the grid posterior")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    coarse, fine = (int(v) for v in a.grid.split(","))
 
     if not (a.workdir / "checkpoints").exists():
         if a.train_steps is None:
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
     got, exact, secs = [], [], []
     for f in fields[:n]:
         start = time.perf_counter()
-        got.append(grid_posterior(emulator_log_likelihood(emu, f, **opts), low, high))
+        got.append(grid_posterior(emulator_log_likelihood(emu, f, **opts), low, high, coarse=coarse, fine=fine))
         secs.append(time.perf_counter() - start)
         exact.append(exact_grf_posterior(f, low, high))
     scores = posterior_scores(np.stack([q.mean for q in got]), np.stack([q.std for q in got]),
@@ -106,7 +108,9 @@ def main(argv=None) -> dict:
           f"{np.median(scores['std_ratio']):.2f}; {np.median(secs):.1f} s per field (median)")
     result = {
         "workdir": str(a.workdir), "divergence": a.divergence,
-        "probes": a.probes if a.divergence == "hutchinson" else None, "fields": a.fields, "mean_r": corr["mean_r"],
+        "probes": a.probes if a.divergence == "hutchinson" else None,
+        "probe": a.probe if a.divergence == "hutchinson" else None, "grid": [coarse, fine],
+        "evaluations": [q.num_evaluations for q in got], "fields": a.fields, "mean_r": corr["mean_r"],
         "hutchinson_noise_nats": noise, "r": corr["r"].tolist(), "likelihood_seconds": corr_s,
         "posterior_fields": n, "fraction_ok": scores["fraction_ok"].tolist(),
         "fraction_ok_all": scores["fraction_ok_all"],
