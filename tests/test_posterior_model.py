@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pixeldit.data.grf import GRFDataset
+
 from pixeldit.posterior_model import (
     AmortizedPosterior,
     PosteriorConfig,
+    spectral_shells,
     standardize,
     standardize_log_det,
     unstandardize,
@@ -85,3 +88,24 @@ def test_encoder_sees_the_field_scale_only_through_log_rms(tiny):
     """Scaling a field changes the summary (the amplitude is a parameter)."""
     x = jax.random.normal(jax.random.key(4), (1, 8, 8, 1))
     assert not np.allclose(tiny.encode(x), tiny.encode(2.0 * x))
+
+
+def test_fixed_features_are_z_scored_by_the_given_simulations():
+    model = AmortizedPosterior(PosteriorConfig.preset("tiny"), rngs=nnx.Rngs(0))  # its own: the buffers change
+    x = GRFDataset(model.config.image_size, seed=3).get_batch(0, 512)["x"]
+    raw = np.asarray(model.encoder.fixed_features(jnp.asarray(x)))
+    assert np.all(np.asarray(model.encoder.feature_shift.get_value()) == 0)  # identity before
+    model.encoder.set_standardization(x)
+    shift = np.asarray(model.encoder.feature_shift.get_value())
+    scale = np.asarray(model.encoder.feature_scale.get_value())
+    z = (raw - shift) / scale
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0), 1.0, rtol=1e-3)
+    assert raw.shape[1] == 1 + spectral_shells(8, 8).shape[1]  # log-RMS and one log power per shell
+    assert np.ptp(raw.mean(0)) > 3.0  # why: the raw log shell powers sit nats apart
+
+
+def test_buffers_are_not_parameters(tiny):
+    params = nnx.state(tiny, nnx.Param)
+    names = {"/".join(str(p) for p in k) for k, _ in nnx.to_flat_state(params)}
+    assert not any("feature_s" in n for n in names)
