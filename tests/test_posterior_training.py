@@ -1,11 +1,18 @@
-"""Training loss, a short training run, and the checkpoint of the amortised posterior."""
+"""Training loss, a short training run, the checkpoint of the amortised posterior, and resuming its training."""
+
+import dataclasses
+import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
+from pixeldit.posterior_checkpoint import STATE_DIR, IncompatibleResumeError, state_steps
 from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
 from pixeldit.posterior_training import (
     CHECKPOINT_NAME,
@@ -16,6 +23,7 @@ from pixeldit.posterior_training import (
     save_posterior,
     train_posterior,
 )
+from pixeldit.training import Interrupted
 
 
 def test_loss_terms_at_initialisation():
@@ -84,3 +92,104 @@ def test_save_replaces_atomically(tmp_path):
     save_posterior(model, tmp_path)
     save_posterior(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints of the training state and resume
+# ---------------------------------------------------------------------------------------------
+
+RESUME_TC = PosteriorTrainConfig(steps=6, batch_size=4, flow_samples=2, warmup_steps=1, ema_decay=0.9,
+                                 checkpoint_every=2)
+
+
+def _signal_at(monkeypatch, signum, batch):
+    """Send ``signum`` to this process while the simulations of ``batch`` are drawn (that step still runs)."""
+    from pixeldit.data.grf import GRFDataset
+
+    original = GRFDataset.get_batch
+
+    def get_batch(self, step, batch_size):
+        if step == batch:
+            os.kill(os.getpid(), signum)
+        return original(self, step, batch_size)
+
+    monkeypatch.setattr(GRFDataset, "get_batch", get_batch)
+    return lambda: monkeypatch.setattr(GRFDataset, "get_batch", original)
+
+
+def _curve(history):
+    return {k: history[k] for k in ("step", "loss", "nll", "flow")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("uninterrupted")
+    _, history = train_posterior(PosteriorConfig.preset("tiny"), RESUME_TC, workdir=wd, log=None, log_every=4)
+    return wd, history
+
+
+def test_interrupted_run_resumes_to_the_same_curve_and_weights(tmp_path, monkeypatch, uninterrupted):
+    ref_dir, ref_history = uninterrupted
+    assert ref_history["step"] == [4, 6] and state_steps(ref_dir) == [4, 6]  # the newest two are kept
+    restore = _signal_at(monkeypatch, signal.SIGTERM, batch=2)
+    with pytest.raises(Interrupted) as info:
+        train_posterior(PosteriorConfig.preset("tiny"), RESUME_TC, workdir=tmp_path, log=None, log_every=4)
+    restore()
+    assert (info.value.signum, info.value.step) == (signal.SIGTERM, 3)  # batch 2 makes step 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert state_steps(tmp_path) == [2, 3] and not (tmp_path / CHECKPOINT_NAME).exists()
+    lines = []
+    _, history = train_posterior(PosteriorConfig.preset("tiny"), RESUME_TC, workdir=tmp_path, log=lines.append,
+                                 log_every=4)
+    assert lines[0] == "resuming from the checkpoint at step 3/6"
+    assert _curve(history) == _curve(ref_history)  # the step-4 record averages steps 1-4 over both runs
+    resumed, reference = load_file(str(tmp_path / CHECKPOINT_NAME)), load_file(str(ref_dir / CHECKPOINT_NAME))
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
+    ref_dir, ref_history = uninterrupted
+    tc = dataclasses.replace(RESUME_TC, steps=4)  # a run cut short after its step-4 checkpoint ...
+    with pytest.raises(IncompatibleResumeError, match=r"train\.steps: 6 vs 4"):
+        train_posterior(PosteriorConfig.preset("tiny"), tc, workdir=ref_dir, log=None, log_every=4)
+    shutil.copytree(ref_dir / STATE_DIR, tmp_path / STATE_DIR)
+    (tmp_path / STATE_DIR / "6.safetensors").write_bytes(b"\0" * 64)  # ... whose newest file was damaged
+    _, history = train_posterior(PosteriorConfig.preset("tiny"), RESUME_TC, workdir=tmp_path, log=None, log_every=4)
+    assert "checkpoint at step 6 is unreadable" in caplog.text
+    assert (tmp_path / "damaged_checkpoints" / "posterior-6.safetensors").is_file()
+    assert _curve(history) == _curve(ref_history)
+    resumed, reference = load_file(str(tmp_path / CHECKPOINT_NAME)), load_file(str(ref_dir / CHECKPOINT_NAME))
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_finished_run_is_not_trained_again(uninterrupted):
+    ref_dir, ref_history = uninterrupted
+    before = {p.name: p.stat().st_mtime_ns for p in (ref_dir / STATE_DIR).iterdir()}
+    before[CHECKPOINT_NAME] = (ref_dir / CHECKPOINT_NAME).stat().st_mtime_ns
+    lines = []
+    tc = dataclasses.replace(RESUME_TC, checkpoint_every=0, max_seconds=100.0)  # settings a resume may change
+    model, history = train_posterior(PosteriorConfig.preset("tiny"), tc, workdir=ref_dir, log=lines.append)
+    assert lines == ["resuming from the checkpoint at step 6/6 (training finished)"]
+    assert _curve(history) == _curve(ref_history) and history["steps_done"] == 6
+    after = {p.name: p.stat().st_mtime_ns for p in (ref_dir / STATE_DIR).iterdir()}
+    after[CHECKPOINT_NAME] = (ref_dir / CHECKPOINT_NAME).stat().st_mtime_ns
+    assert after == before
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+    np.testing.assert_array_equal(model.encode(x), load_posterior(ref_dir).encode(x))
+
+
+def test_resume_refuses_another_model(uninterrupted):
+    ref_dir, _ = uninterrupted
+    with pytest.raises(IncompatibleResumeError, match=r"model\.summary_dim: 16 vs 8.*new --workdir"):
+        train_posterior(PosteriorConfig.preset("tiny", summary_dim=8), RESUME_TC, workdir=ref_dir, log=None)
+
+
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
+    tc = dataclasses.replace(RESUME_TC, steps=3, checkpoint_every=0)
+    train_posterior(PosteriorConfig.preset("tiny"), tc, workdir=tmp_path, log=None)
+    assert state_steps(tmp_path) == [3]
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
+        PosteriorTrainConfig(checkpoint_every=-1)

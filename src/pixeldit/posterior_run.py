@@ -9,10 +9,13 @@ sections; the built-in one is ``grf-posterior``::
              size (the field side), prior_low / prior_high (the prior box)
 
 ``pixeldit train grf-posterior`` calls :func:`train_posterior_run`: the workdir gets
-``run.json`` (this config, ``model.kind = "posterior"``), ``posterior.safetensors`` (the EMA
-model, :func:`pixeldit.posterior_training.load_posterior`), ``history.json`` and
-``summary.json``.  The model is saved once, at the end of training, so an interrupted run is
-started again from the beginning.
+``run.json`` (this config, ``model.kind = "posterior"``), ``posterior_state/`` (the full
+training state every ``train.checkpoint_every`` steps, :mod:`pixeldit.posterior_checkpoint`),
+and at the end ``posterior.safetensors`` (the EMA model,
+:func:`pixeldit.posterior_training.load_posterior`), ``history.json`` and ``summary.json``.
+Running the same command again resumes from the newest checkpoint (a finished run is not
+trained again); SIGINT / SIGTERM save the state at the next step boundary and exit with 130 /
+143.  One process trains in a workdir at a time (:func:`pixeldit.training.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from pixeldit.posterior_checkpoint import state_steps
 from pixeldit.posterior_model import PosteriorConfig
 from pixeldit.posterior_training import (
     CHECKPOINT_NAME,
@@ -35,6 +39,7 @@ from pixeldit.posterior_training import (
     train_posterior,
 )
 from pixeldit.runconfig import RUN_FILE, ConfigError, _read_raw, parse_override
+from pixeldit.training.lock import workdir_lock
 
 __all__ = ["PosteriorRun", "is_posterior_source", "load_posterior_run", "train_posterior_run", "train_posterior_source"]
 
@@ -125,26 +130,30 @@ def load_posterior_run(source: str | os.PathLike, overrides: Sequence[str] = ())
 
 def train_posterior_run(run: PosteriorRun, workdir: str | os.PathLike,
                         echo: Callable[[str], Any] | None = print) -> dict[str, Any]:
-    """Train ``run`` into ``workdir`` (``run.json``, the checkpoint, ``history.json``, ``summary.json``).
+    """Train ``run`` into ``workdir`` (``run.json``, the checkpoints, ``history.json``, ``summary.json``),
+    resuming from its newest training checkpoint if it has one.
 
-    A workdir that already holds a trained posterior is refused: training does not resume.
+    A workdir with a ``posterior.safetensors`` but no training checkpoint (a run saved before
+    training became resumable) is refused; so is one another process is training in.
     """
     workdir = Path(workdir)
-    if (workdir / CHECKPOINT_NAME).is_file():
-        raise ConfigError(f"{workdir} already holds a trained posterior ({CHECKPOINT_NAME}); "
-                          "choose another --workdir or delete that file to train again")
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / (RUN_FILE + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    os.replace(tmp, workdir / RUN_FILE)
-    _, history = train_posterior(run.model, run.train, workdir=workdir, log=echo, log_every=run.log_every)
-    summary = {
-        "kind": POSTERIOR_KIND, "workdir": str(workdir), "checkpoint_path": str(workdir / CHECKPOINT_NAME),
-        "steps_done": history["steps_done"], "steps": run.train.steps, "train_seconds": history["train_seconds"],
-        "train_cpu_seconds": history["train_cpu_seconds"], "final_loss": history["loss"][-1],
-        "final_nll": history["nll"][-1], "final_flow": history["flow"][-1],
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with workdir_lock(workdir):  # before run.json is written: a second run must not touch it
+        fresh = not state_steps(workdir)
+        if fresh and (workdir / CHECKPOINT_NAME).is_file():
+            raise ConfigError(f"{workdir} already holds a trained posterior ({CHECKPOINT_NAME}) and no training "
+                              "checkpoint to resume from; choose another --workdir or delete that file to train again")
+        if fresh:
+            tmp = workdir / (RUN_FILE + f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+            os.replace(tmp, workdir / RUN_FILE)
+        _, history = train_posterior(run.model, run.train, workdir=workdir, log=echo, log_every=run.log_every)
+        summary = {
+            "kind": POSTERIOR_KIND, "workdir": str(workdir), "checkpoint_path": str(workdir / CHECKPOINT_NAME),
+            "steps_done": history["steps_done"], "steps": run.train.steps, "train_seconds": history["train_seconds"],
+            "train_cpu_seconds": history["train_cpu_seconds"], "final_loss": history["loss"][-1],
+            "final_nll": history["nll"][-1], "final_flow": history["flow"][-1],
+        }
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -152,8 +161,8 @@ def train_posterior_source(source: str | os.PathLike, overrides: Sequence[str] =
                            workdir: str | os.PathLike | None = None, echo: Callable[[str], Any] = print) -> dict:
     """``pixeldit train SOURCE`` for a posterior run config: the summary, with the closing line as ``message``.
 
-    ``workdir`` defaults to ``runs/<name>``.  An interrupt (Ctrl-C, SIGTERM) exits with ``128 + signal``
-    after one line on stderr: nothing is saved before the end of training.
+    ``workdir`` defaults to ``runs/<name>``.  An interrupt (Ctrl-C, SIGTERM) saves the training state at
+    the next step boundary and exits with ``128 + signal`` after one line on stderr.
     """
     if data is not None:
         raise ConfigError("--data does not apply to an amortised posterior run: it simulates GRF fields on the fly")
@@ -164,8 +173,10 @@ def train_posterior_source(source: str | os.PathLike, overrides: Sequence[str] =
         s = train_posterior_run(run, wd, echo=echo)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"\ninterrupted ({signal.Signals(signum).name}): nothing saved (the posterior is saved at the end of "
-              "training); run the same command again to start over", file=sys.stderr)
+        steps = state_steps(wd)
+        saved = f"checkpoint at step {steps[-1]} in {wd}" if steps else "no checkpoint yet"
+        print(f"\ninterrupted ({signal.Signals(signum).name}): {saved}; run the same command again to resume",
+              file=sys.stderr)
         raise SystemExit(128 + signum) from None
     s["message"] = (f"done: {s['steps_done']} steps in {s['train_seconds']:.1f} s, final nll {s['final_nll']:.4f}, "
                     f"flow loss {s['final_flow']:.4f}\ncheckpoint: {s['checkpoint_path']}")

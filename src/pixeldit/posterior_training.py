@@ -16,13 +16,19 @@ weights, which is what :func:`train_posterior` returns and saves.  The EMA decay
 (:func:`ema_decay_at`): a short run with a fixed 0.999 would keep ``0.999**steps`` of the random
 initial weights (18 % after 1,700 steps), which shrinks every posterior towards the prior centre.
 
-Checkpoint: one safetensors file, ``posterior.safetensors``, holding every weight under its
-``/``-joined module path and the model configuration as JSON metadata; written to a temporary
-file and renamed, so a reader never sees a partial file.
+Checkpoints: the full training state (weights, optimiser state, EMA, PRNG key, feature
+z-scoring, history) is saved every ``checkpoint_every`` steps, at the end and on SIGINT / SIGTERM
+(:mod:`pixeldit.posterior_checkpoint`), and training resumes from it.  The PRNG key is saved, not
+derived from the step, and the simulations are indexed by step, so a resumed run gives the same
+history and weights as an uninterrupted one.  The model for inference is one safetensors file,
+``posterior.safetensors``, written at the end: the EMA weights under their ``/``-joined module
+path and the model configuration as JSON metadata; written to a temporary file and renamed, so
+a reader never sees a partial file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -39,14 +45,17 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from pixeldit.data.grf import GRFDataset
+from pixeldit.posterior_checkpoint import PosteriorState, load_state, save_state
 from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
 from pixeldit.runconfig import RUN_FILE
+from pixeldit.training.loop import Interrupted, _Signals
 
 CHECKPOINT_NAME = "posterior.safetensors"
 CHECKPOINT_FORMAT = "pixeldit-amortized-posterior-1"
-POSTERIOR_KIND = "posterior"
+HISTORY_NAME = "history.json"
+POSTERIOR_KIND = "posterior"  # model.kind in the run.json of a posterior run (pixeldit.posterior_run)
 STANDARDIZE_FIELDS = 4096  # prior simulations that set the z-scoring of the encoder's fixed features
-STANDARDIZE_BATCH_INDEX = 10**9  # a GRFDataset batch index no training step reaches (the stream is indexed by step)  # model.kind in the run.json of a posterior run (pixeldit.posterior_run)
+STANDARDIZE_BATCH_INDEX = 10**9  # a GRFDataset batch index no training step reaches (the stream is indexed by step)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class PosteriorTrainConfig:
     ema_decay: float = 0.999
     seed: int = 0  # seeds the simulations (GRFDataset seed) and the model / noise keys
     max_seconds: float | None = None  # stop early after this much wall time (the schedule keeps `steps`)
+    checkpoint_every: int = 1000  # save the training state every this many steps (0: only at the end)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "flow_samples"):
@@ -71,6 +81,8 @@ class PosteriorTrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
@@ -117,29 +129,33 @@ def _check_grf_config(config: PosteriorConfig) -> None:
         )
 
 
-def train_posterior(
-    config: PosteriorConfig,
-    train_config: PosteriorTrainConfig = PosteriorTrainConfig(),
-    *,
-    workdir: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = print,
-    log_every: int = 250,
-) -> tuple[AmortizedPosterior, dict]:
-    """Train on GRF simulations from the configuration's prior box; return the EMA model and a history.
-
-    With ``workdir`` the EMA model is saved there (:func:`save_posterior`) and the history is
-    written to ``workdir/history.json``.
-    """
-    _check_grf_config(config)
-    tc = train_config
-    data = GRFDataset(config.image_size, seed=tc.seed, prior_low=config.prior_low, prior_high=config.prior_high)
+def _initial_state(config: PosteriorConfig, tc: PosteriorTrainConfig, data: GRFDataset,
+                   workdir: str | os.PathLike | None, log: Callable[[str], None] | None):
+    """``(graphdef, state, resumed)``: the newest checkpoint of ``workdir`` if it has one, else a fresh
+    state (initial weights, and the encoder's feature z-scoring set from prior simulations)."""
     model = AmortizedPosterior(config, rngs=nnx.Rngs(tc.seed))
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    template = PosteriorState(step=0, params=params, opt_state=_optimizer(tc).init(params), ema=params,
+                              buffers=buffers, key=jax.random.key(tc.seed + 1), history=_new_history(), running={})
+    if workdir is not None:
+        resumed = load_state(workdir, template, config.to_dict(), dataclasses.asdict(tc))
+        if resumed is not None:
+            if log is not None:
+                done = " (training finished)" if resumed.step >= tc.steps else ""
+                log(f"resuming from the checkpoint at step {resumed.step}/{tc.steps}{done}")
+            return graphdef, resumed, True
     model.encoder.set_standardization(data.get_batch(STANDARDIZE_BATCH_INDEX, STANDARDIZE_FIELDS)["x"])
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    opt = _optimizer(tc)
-    opt_state = opt.init(params)
-    ema = jax.tree.map(jnp.copy, params)
-    decay = tc.ema_decay
+    state = dataclasses.replace(template, params=params, ema=jax.tree.map(jnp.copy, params), buffers=buffers)
+    return graphdef, state, False
+
+
+def _new_history() -> dict[str, list]:
+    return {"step": [], "loss": [], "nll": [], "flow": [], "seconds": []}
+
+
+def _make_train_step(graphdef, buffers, tc: PosteriorTrainConfig):
+    opt, decay = _optimizer(tc), tc.ema_decay
 
     @jax.jit
     def train_step(params, opt_state, ema, x, theta, key, step):
@@ -153,39 +169,97 @@ def train_posterior(
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         return params, opt_state, ema, dict(parts, loss=loss)
 
-    key = jax.random.key(tc.seed + 1)
-    history = {"step": [], "loss": [], "nll": [], "flow": [], "seconds": []}
+    return train_step
+
+
+def _log_record(state: PosteriorState, elapsed: float, tc: PosteriorTrainConfig, log) -> None:
+    """Append the mean losses since the last record to the history and reset the running sums."""
+    h, count = state.history, state.running.pop("count")
+    h["step"].append(state.step)
+    h["seconds"].append(round(elapsed, 2))
+    for name in ("loss", "nll", "flow"):
+        h[name].append(state.running[name] / count)
+    state.running = {}
+    if log is not None:
+        log(f"step {state.step}/{tc.steps}  loss {h['loss'][-1]:.4f}  nll {h['nll'][-1]:.4f}  "
+            f"flow {h['flow'][-1]:.4f}  {elapsed:.0f}s")
+
+
+def _run_steps(state: PosteriorState, train_step, data: GRFDataset, tc: PosteriorTrainConfig, log, log_every: int,
+               signals, save: Callable[[PosteriorState], None]) -> None:
+    """Train ``state`` in place up to ``tc.steps``, ``tc.max_seconds`` or a signal (checked between steps)."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    running: dict[str, float] = {}
-    step = 0
-    for step in range(tc.steps):
+    wall0, cpu0 = state.train_seconds, state.train_cpu_seconds
+    for step in range(state.step, tc.steps):
+        if signals.received is not None:
+            break
         batch = data.get_batch(step, tc.batch_size)
-        key, sub = jax.random.split(key)
-        params, opt_state, ema, parts = train_step(params, opt_state, ema, batch["x"], batch["y"], sub, jnp.float32(step))
+        state.key, sub = jax.random.split(state.key)
+        state.params, state.opt_state, state.ema, parts = train_step(
+            state.params, state.opt_state, state.ema, batch["x"], batch["y"], sub, jnp.float32(step))
+        state.step = step + 1
         for name, value in parts.items():
-            running[name] = running.get(name, 0.0) + float(value)
-        elapsed = time.perf_counter() - start
-        last = step + 1 == tc.steps or (tc.max_seconds is not None and elapsed >= tc.max_seconds)
-        if (step + 1) % log_every == 0 or last:
-            count = log_every if (step + 1) % log_every == 0 else (step + 1) % log_every
-            history["step"].append(step + 1)
-            history["seconds"].append(round(elapsed, 2))
-            for name in ("loss", "nll", "flow"):
-                history[name].append(running[name] / count)
-            running = {}
-            if log is not None:
-                log(f"step {step + 1}/{tc.steps}  loss {history['loss'][-1]:.4f}  nll {history['nll'][-1]:.4f}  "
-                    f"flow {history['flow'][-1]:.4f}  {elapsed:.0f}s")
+            state.running[name] = state.running.get(name, 0.0) + float(value)
+        state.running["count"] = state.running.get("count", 0) + 1
+        now = time.perf_counter()
+        state.train_seconds, state.train_cpu_seconds = wall0 + now - start, cpu0 + time.process_time() - cpu_start
+        timed_out = tc.max_seconds is not None and now - start >= tc.max_seconds
+        last = state.step == tc.steps or timed_out
+        if state.step % log_every == 0 or last:
+            _log_record(state, state.train_seconds, tc, log)
         if last:
             break
-    history["steps_done"] = step + 1
-    history["train_seconds"] = round(time.perf_counter() - start, 2)
-    history["train_cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # all threads of this process
-    model = nnx.merge(graphdef, ema, buffers)
-    if workdir is not None:
-        save_posterior(model, workdir)
-        (Path(workdir) / "history.json").write_text(json.dumps(history, indent=1))
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+            save(state)
+
+
+def train_posterior(
+    config: PosteriorConfig,
+    train_config: PosteriorTrainConfig = PosteriorTrainConfig(),
+    *,
+    workdir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 250,
+) -> tuple[AmortizedPosterior, dict]:
+    """Train on GRF simulations from the configuration's prior box; return the EMA model and a history.
+
+    With ``workdir``: the full training state is saved there every ``checkpoint_every`` steps and
+    at the end (:mod:`pixeldit.posterior_checkpoint`), and a workdir that holds one resumes from it
+    (to the same history and weights as an uninterrupted run; a finished run is not trained again);
+    at the end the EMA model is saved (:func:`save_posterior`) and the history written to
+    ``workdir/history.json``.  SIGINT / SIGTERM let the step under way finish, save the state and
+    raise :class:`pixeldit.training.Interrupted` (a ``KeyboardInterrupt``) naming the step saved.
+    """
+    _check_grf_config(config)
+    tc = train_config
+    data = GRFDataset(config.image_size, seed=tc.seed, prior_low=config.prior_low, prior_high=config.prior_high)
+    graphdef, state, resumed = _initial_state(config, tc, data, workdir, log)
+    saved = [state.step if resumed else None]  # the step of the newest checkpoint
+
+    def save(s: PosteriorState) -> None:
+        if workdir is not None and saved[0] != s.step:
+            save_state(workdir, s, config.to_dict(), dataclasses.asdict(tc))
+            saved[0] = s.step
+
+    steps_before = state.step
+    with _Signals() as signals:
+        _run_steps(state, _make_train_step(graphdef, state.buffers, tc), data, tc, log, log_every, signals, save)
+        save(state)
+        if signals.received is not None and state.step < tc.steps:
+            raise Interrupted(signals.received, state.step if workdir is not None else None)
+        history = dict(state.history, steps_done=state.step, train_seconds=round(state.train_seconds, 2),
+                       train_cpu_seconds=round(state.train_cpu_seconds, 2))  # CPU: all threads of this process
+        model = nnx.merge(graphdef, state.ema, state.buffers)
+        if workdir is not None and (state.step != steps_before or not (Path(workdir) / CHECKPOINT_NAME).is_file()):
+            save_posterior(model, workdir)
+            _write_json(Path(workdir) / HISTORY_NAME, history)
     return model, history
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
