@@ -4,6 +4,8 @@ import dataclasses
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,8 @@ from pixeldit.posterior_training import (
     save_posterior,
     train_posterior,
 )
-from pixeldit.training import Interrupted
+from pixeldit.training import Interrupted, WorkdirLockedError
+from pixeldit.training.lock import LOCK_FILE
 
 
 def test_loss_terms_at_initialisation():
@@ -193,3 +196,18 @@ def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
     assert state_steps(tmp_path) == [3]
     with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
         PosteriorTrainConfig(checkpoint_every=-1)
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    """Another process holds the workdir's training lock: one error naming it, and nothing is written."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirLockedError, match="in use by another training run"):
+            train_posterior(PosteriorConfig.preset("tiny"), RESUME_TC, workdir=tmp_path, log=None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]

@@ -28,6 +28,7 @@ a reader never sees a partial file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ from pixeldit.data.grf import GRFDataset
 from pixeldit.posterior_checkpoint import PosteriorState, load_state, save_state
 from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
 from pixeldit.runconfig import RUN_FILE
+from pixeldit.training.lock import workdir_lock
 from pixeldit.training.loop import Interrupted, _Signals
 
 CHECKPOINT_NAME = "posterior.safetensors"
@@ -229,9 +231,15 @@ def train_posterior(
     at the end the EMA model is saved (:func:`save_posterior`) and the history written to
     ``workdir/history.json``.  SIGINT / SIGTERM let the step under way finish, save the state and
     raise :class:`pixeldit.training.Interrupted` (a ``KeyboardInterrupt``) naming the step saved.
+    The workdir's training lock (:func:`pixeldit.training.workdir_lock`) is held throughout.
     """
     _check_grf_config(config)
-    tc = train_config
+    with workdir_lock(workdir) if workdir is not None else contextlib.nullcontext():
+        return _train_locked(config, train_config, workdir, log, log_every)
+
+
+def _train_locked(config: PosteriorConfig, tc: PosteriorTrainConfig, workdir: str | os.PathLike | None,
+                  log: Callable[[str], None] | None, log_every: int) -> tuple[AmortizedPosterior, dict]:
     data = GRFDataset(config.image_size, seed=tc.seed, prior_low=config.prior_low, prior_high=config.prior_high)
     graphdef, state, resumed = _initial_state(config, tc, data, workdir, log)
     saved = [state.step if resumed else None]  # the step of the newest checkpoint
