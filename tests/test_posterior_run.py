@@ -35,7 +35,7 @@ def test_builtin_config_loads():
     assert "grf-posterior" in runconfig.builtin_configs() and is_posterior_source("grf-posterior")
     assert not is_posterior_source("grf") and not is_posterior_source("no_such_config")
     assert run.model == PosteriorConfig.preset("grf")  # the data section gives size 32 and the prior box
-    assert run.train == PosteriorTrainConfig(steps=6000, batch_size=64, flow_samples=16, seed=0)
+    assert run.train == PosteriorTrainConfig(steps=16000, batch_size=64, flow_samples=16, seed=0)
     assert run.log_every == 250
 
 
