@@ -50,7 +50,7 @@ from pixeldit.posterior_checkpoint import PosteriorState, load_state, save_state
 from pixeldit.posterior_model import AmortizedPosterior, PosteriorConfig, standardize
 from pixeldit.runconfig import RUN_FILE
 from pixeldit.training.lock import workdir_lock
-from pixeldit.training.loop import Interrupted, _Signals
+from pixeldit.training.loop import Interrupted, SignalFlag
 
 CHECKPOINT_NAME = "posterior.safetensors"
 CHECKPOINT_FORMAT = "pixeldit-amortized-posterior-1"
@@ -250,7 +250,7 @@ def _train_locked(config: PosteriorConfig, tc: PosteriorTrainConfig, workdir: st
             saved[0] = s.step
 
     steps_before = state.step
-    with _Signals() as signals:
+    with SignalFlag() as signals:
         _run_steps(state, _make_train_step(graphdef, state.buffers, tc), data, tc, log, log_every, signals, save)
         save(state)
         if signals.received is not None and state.step < tc.steps:

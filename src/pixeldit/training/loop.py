@@ -49,7 +49,7 @@ from pixeldit.training.step import prepare_batch, shared_sharded_train_step, sha
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Interrupted", "NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["Interrupted", "NonFiniteLossError", "SignalFlag", "TrainResult", "train"]
 
 Callback = Callable[[int, nnx.Module], Any]
 
@@ -75,7 +75,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.step = signum, step
 
 
-class _Signals:
+class SignalFlag:
     """While active (main thread only), SIGINT and SIGTERM set :attr:`received` instead of raising.
 
     The loop checks it between steps: it finishes the step and any save under way, saves and
@@ -221,7 +221,7 @@ def _train(cfg, tc: TrainConfig, dataset, workdir: Path, meta, mesh_fsdp, callba
             step_fn = functools.partial(_with_encoder, step_fn, enc_state)
         start, traces_before = int(jax.device_get(state.step)), traces[0]
         loop = _Loop(mngr, meta, tc, workdir, callbacks, progress and is_main, is_main, start, t_start, logger)
-        with _Signals() as signals:
+        with SignalFlag() as signals:
             state = loop.run(state, step_fn, put_batch, dataset, signals)
         if traces[0] - traces_before > 1:
             warnings.warn(f"the train step was traced {traces[0] - traces_before} times; check batch shapes/dtypes",
@@ -334,7 +334,7 @@ class _Loop:
         self.log_t, self.log_step = time.perf_counter(), start
         self.pbar = tqdm(total=tc.steps, initial=start, unit="step", disable=not progress, dynamic_ncols=True, desc="train")
 
-    def run(self, state, step_fn, put_batch, dataset, signals: _Signals):
+    def run(self, state, step_fn, put_batch, dataset, signals: SignalFlag):
         tc, pending = self.tc, None  # pending: (step, device metrics) not yet checked
         try:
             for s in range(self.start, tc.steps):
