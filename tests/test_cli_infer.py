@@ -247,3 +247,10 @@ def test_unreadable_amortised_checkpoint(tmp_path, observed):
     (tmp_path / "post").mkdir()
     (tmp_path / "post" / "posterior.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     fails("infer", tmp_path / "post", "--observed", observed[0], message="posterior.safetensors")
+
+
+def test_cli_probe_default_is_the_library_default():
+    from pixeldit import cli_infer
+    from pixeldit.inference.probes import DEFAULT_PROBE
+
+    assert cli_infer.DEFAULT_PROBE == DEFAULT_PROBE  # the CLI keeps its own copy to start without jax

@@ -352,7 +352,7 @@ def likelihood(
     theta: str = typer.Option(..., "--theta", help="Theta rows, e.g. '0.5,2.0;-0.5,3.5'."),
     divergence: str = typer.Option("hutchinson", "--divergence", help=cli_infer.DIVERGENCE_HELP),
     probes: int = typer.Option(16, "--probes", help="Hutchinson probes (the same for every theta)."),
-    probe: str = typer.Option("spectral", "--probe", help=cli_infer.PROBE_HELP),
+    probe: str = typer.Option(cli_infer.DEFAULT_PROBE, "--probe", help=cli_infer.PROBE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the probes."),
     guidance: float = typer.Option(1.0, "--guidance", help="Must be 1: a guided velocity has no density."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),

@@ -16,6 +16,7 @@ import typer
 __all__ = ["DIVERGENCE_HELP", "OBSERVED_HELP", "bench_inference", "calibrate", "infer"]
 
 OBSERVED_HELP = ".npz file with observed fields x (N, H, W[, C]) of the run's size (and optionally their true theta)."
+DEFAULT_PROBE = "spectral"  # pixeldit.inference.probes.DEFAULT_PROBE, not imported: the CLI starts without jax
 PROBE_HELP = ("Hutchinson probe kind: spectral (random-phase fields, far less noise for fields with near-stationary "
               "statistics), rademacher or gaussian.")
 DIVERGENCE_HELP = "Divergence of the likelihood's ODE: hutchinson (probe estimate) or exact (one JVP per pixel: small fields)."
@@ -41,7 +42,7 @@ def infer(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN/infer)."),
     divergence: str = typer.Option("hutchinson", "--divergence", help=DIVERGENCE_HELP),
     probes: int = typer.Option(4, "--probes", help="Hutchinson probes (the same for every theta)."),
-    probe: str = typer.Option("spectral", "--probe", help=PROBE_HELP),
+    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help=PROBE_HELP),
     grid: Optional[str] = typer.Option(None, "--grid", help="Search and final grid cells per parameter, COARSE,FINE (default 8,16)."),
     plots: int = typer.Option(4, "--plots", help="Corner plots for this many first observations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the probes and the posterior draws."),
@@ -73,7 +74,7 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default RUN/calibrate)."),
     divergence: str = typer.Option("hutchinson", "--divergence", help=DIVERGENCE_HELP),
     probes: int = typer.Option(4, "--probes", help="Hutchinson probes (the same for every theta)."),
-    probe: str = typer.Option("spectral", "--probe", help=PROBE_HELP),
+    probe: str = typer.Option(DEFAULT_PROBE, "--probe", help=PROBE_HELP),
     grid: Optional[str] = typer.Option(None, "--grid", help="Search and final grid cells per parameter, COARSE,FINE (default 8,16)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the simulations, probes and draws."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),

@@ -36,6 +36,7 @@ from pixeldit.data import grf
 from pixeldit.inference import (DIVERGENCES, PROBES, Emulator, Posterior, emulator_log_likelihood, grid_posterior,
                                 log_prob, mcmc_posterior)
 from pixeldit.inference.amortized import sample_posterior
+from pixeldit.inference.probes import DEFAULT_PROBE
 from pixeldit.inference.calibration import calibrate, exact_grf_posterior
 from pixeldit.inference.posterior import INTERVALS
 from pixeldit.inference.plots import corner_plot, rank_histograms, tarp_plot
@@ -50,7 +51,6 @@ INFER_DIR = "infer"
 CALIBRATE_DIR = "calibrate"
 GRID_MAX_PARAMS = 3  # the zooming grid up to this many parameters, MCMC above
 CALIBRATION_SEED_STREAM = 23  # fresh simulations: a seed stream apart from the training data's
-DEFAULT_PROBE = "spectral"  # Hutchinson probes of field likelihoods: pixeldit.inference.probes
 
 
 def emulator_from_checkpoint(ckpt) -> Emulator:

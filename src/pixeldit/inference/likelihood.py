@@ -62,7 +62,7 @@ import numpy as np
 
 from ..sampling import sample_batched
 from ..static_model import merge_model, split_model
-from .probes import PROBES, draw_probes
+from .probes import DEFAULT_PROBE, PROBES, draw_probes
 
 DIVERGENCES = ("exact", "hutchinson")
 MEAN_MODES = ("full", "zero_mean")
@@ -176,7 +176,7 @@ def log_prob(
     *,
     divergence: str = "exact",
     probes: int = 8,
-    probe: str = "spectral",
+    probe: str = DEFAULT_PROBE,
     key: jax.Array | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 PROBES = ("rademacher", "gaussian", "spectral")
+DEFAULT_PROBE = "spectral"  # of log_prob and the inference commands: the least noise for field models
 
-__all__ = ["PROBES", "draw_probes"]
+__all__ = ["DEFAULT_PROBE", "PROBES", "draw_probes"]
 
 
 def _spectral_probes(key, shape, count: int):
