@@ -228,8 +228,9 @@ class FieldEncoder(nnx.Module):
         b, h, w, _ = x.shape
         p = self.patch_size
         x = x.astype(jnp.float32)
-        fixed = (self.fixed_features(x) - self.feature_shift.get_value()) / self.feature_scale.get_value()
-        log_rms = 0.5 * jnp.log(jnp.mean(x * x, axis=(1, 2, 3)) + LOG_EPS)  # (B,)
+        raw = self.fixed_features(x)  # (B, 1 + C * shells): log-RMS first
+        log_rms = raw[:, 0]  # (B,)
+        fixed = (raw - self.feature_shift.get_value()) / self.feature_scale.get_value()
         x = x * jnp.exp(-log_rms)[:, None, None, None]  # unit mean square
         c = self.scale_embedder(log_rms[:, None])[:, None, :]  # (B, 1, D)
         tokens = patchify(x, p).reshape(b, (h // p) * (w // p), -1)  # (B, L, p*p*C)
