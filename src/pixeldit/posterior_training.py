@@ -187,11 +187,26 @@ def _log_record(state: PosteriorState, elapsed: float, tc: PosteriorTrainConfig,
             f"flow {h['flow'][-1]:.4f}  {elapsed:.0f}s")
 
 
+def _flush(state: PosteriorState, pending: list) -> None:
+    """Add the losses of the steps in ``pending`` (device scalars, in step order) to the running sums.
+
+    The loop keeps the losses on the device until a record or a checkpoint needs them, so that it
+    never waits for a step to finish: the next batch is simulated while the step computes.  The
+    sums are the same float64 sums, in the same order, as converting after every step.
+    """
+    for parts in pending:
+        for name, value in parts.items():
+            state.running[name] = state.running.get(name, 0.0) + float(value)
+        state.running["count"] = state.running.get("count", 0) + 1
+    pending.clear()
+
+
 def _run_steps(state: PosteriorState, train_step, data: GRFDataset, tc: PosteriorTrainConfig, log, log_every: int,
                signals, save: Callable[[PosteriorState], None]) -> None:
     """Train ``state`` in place up to ``tc.steps``, ``tc.max_seconds`` or a signal (checked between steps)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     wall0, cpu0 = state.train_seconds, state.train_cpu_seconds
+    pending: list = []
     for step in range(state.step, tc.steps):
         if signals.received is not None:
             break
@@ -200,19 +215,22 @@ def _run_steps(state: PosteriorState, train_step, data: GRFDataset, tc: Posterio
         state.params, state.opt_state, state.ema, parts = train_step(
             state.params, state.opt_state, state.ema, batch["x"], batch["y"], sub, jnp.float32(step))
         state.step = step + 1
-        for name, value in parts.items():
-            state.running[name] = state.running.get(name, 0.0) + float(value)
-        state.running["count"] = state.running.get("count", 0) + 1
+        pending.append(parts)
+        timed_out = tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds
+        last = state.step == tc.steps or timed_out
+        record = state.step % log_every == 0 or last
+        checkpoint = not last and tc.checkpoint_every and state.step % tc.checkpoint_every == 0
+        if record or checkpoint or len(pending) >= log_every:
+            _flush(state, pending)  # waits for this step: the times below include its compute
         now = time.perf_counter()
         state.train_seconds, state.train_cpu_seconds = wall0 + now - start, cpu0 + time.process_time() - cpu_start
-        timed_out = tc.max_seconds is not None and now - start >= tc.max_seconds
-        last = state.step == tc.steps or timed_out
-        if state.step % log_every == 0 or last:
+        if record:
             _log_record(state, state.train_seconds, tc, log)
         if last:
             break
-        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+        if checkpoint:
             save(state)
+    _flush(state, pending)  # a signal stops the loop between records: its steps still count
 
 
 def train_posterior(
