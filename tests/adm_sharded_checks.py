@@ -32,10 +32,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pixeldit import parallel, sampling  # noqa: E402
+from pixeldit import parallel  # noqa: E402
 from pixeldit.conditions import draw_samples  # noqa: E402
 from pixeldit.evaluate.fid_eval import adm_export  # noqa: E402
 from pixeldit.model import C2IConfig, build_model  # noqa: E402
+from pixeldit.sampling import api as sampling_api  # noqa: E402  (where _dispatch looks up _run)
 
 CFG = C2IConfig(in_channels=1, patch_size=4, hidden_size=32, num_groups=2, patch_depth=2, pixel_depth=1,
                 pixel_hidden_size=8, num_classes=10)
@@ -47,7 +48,7 @@ def main(out: Path) -> None:
     y = (np.arange(NUM) * 3) % CFG.num_classes
     y_null = np.full(NUM, CFG.num_classes)
     seen = []
-    run = sampling._run
+    run = sampling_api._run
 
     def spy(static_model, params, noise, *args, **kwargs):
         x, xs, info = run(static_model, params, noise, *args, **kwargs)
@@ -58,7 +59,7 @@ def main(out: Path) -> None:
                      if all(a.sharding.is_fully_replicated for a in leaves) else 0})
         return x, xs, info
 
-    sampling._run = spy
+    sampling_api._run = spy
     mesh = parallel.local_data_mesh()
 
     def drawer(m):
