@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "PixelDiTConfig": "pixeldit.model",
-    "C2IConfig": "pixeldit.model",
-    "T2IConfig": "pixeldit.model",
-    "ThetaConfig": "pixeldit.model",
-    "PRESETS": "pixeldit.model",
-    "preset": "pixeldit.model",
+    "PixelDiTConfig": "pixeldit.model_config",
+    "C2IConfig": "pixeldit.model_config",
+    "T2IConfig": "pixeldit.model_config",
+    "ThetaConfig": "pixeldit.model_config",
+    "PRESETS": "pixeldit.model_config",
+    "preset": "pixeldit.model_config",
     "build_model": "pixeldit.model",
     "count_params": "pixeldit.model",
     "TrainConfig": "pixeldit.training",
@@ -40,7 +40,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from pixeldit.data import load_dataset
     from pixeldit.evaluate import plot_sample_grid
-    from pixeldit.model import PRESETS, C2IConfig, PixelDiTConfig, T2IConfig, ThetaConfig, build_model, count_params, preset
+    from pixeldit.model import build_model, count_params
+    from pixeldit.model_config import PRESETS, C2IConfig, PixelDiTConfig, T2IConfig, ThetaConfig, preset
     from pixeldit.sampling import sample, sample_batched
     from pixeldit.training import Checkpoint, TrainConfig, TrainResult, load_checkpoint, train
 

@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 
 from pixeldit.attention import use_attention
-from pixeldit.model import C2IConfig, abstract_model, build_model, preset, resolve_scan_unroll
+from pixeldit.model import abstract_model, build_model, resolve_scan_unroll
+from pixeldit.model_config import C2IConfig, preset
 from pixeldit.runtime import settings as runtime_settings
 from pixeldit.training import TrainConfig, create_train_state, make_train_step, make_train_step_fn, prepare_batch
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixeldit.model import C2IConfig, T2IConfig, build_model, preset
+from pixeldit.model import build_model
+from pixeldit.model_config import C2IConfig, T2IConfig, preset
 from pixeldit.repa import REPAProjector, load_projector, projector_to_reference, split_projector_keys
 from pixeldit.sampling import REFERENCE_T2I_TIME
 from pixeldit.training.checkpoint import load_checkpoint, save_model_checkpoint

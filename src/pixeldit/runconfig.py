@@ -4,7 +4,7 @@ A *run config* is a TOML file with five sections (built-in ones ship in ``pixeld
 
     [model]   kind ("auto", "c2i" or "theta") and PixelDiT config fields; in_channels,
               num_classes and theta_dim come from the data; theta models also take
-              theta_encoding ("affine" or "none", see :class:`pixeldit.model.ThetaConfig`)
+              theta_encoding ("affine" or "none", see :class:`pixeldit.model_config.ThetaConfig`)
     [train]   pixeldit.training.TrainConfig fields
     [data]    source ("digits", "grf", a .npz file, an image folder, the reference's images.h5
               folder or ImageNet parquet shards) and its options; streaming = true reads
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pixeldit.model import CONFIG_KINDS
+from pixeldit.model_config import CONFIG_KINDS
 from pixeldit.sampling import METHODS
 from pixeldit.training import TrainConfig
 

@@ -41,7 +41,8 @@ from pixeldit.encoders import build_encoder
 from pixeldit.evaluate import benchmarks, plot_sample_grid
 from pixeldit.evaluate.fid_eval import adm_export, fid_against_data
 from pixeldit.fid import load_fid_inception
-from pixeldit.model import CONFIG_KINDS, PRESETS, config_from_dict, count_params, preset
+from pixeldit.model import count_params
+from pixeldit.model_config import CONFIG_KINDS, PRESETS, config_from_dict, preset
 from pixeldit.parallel import initialize_distributed, local_data_mesh
 from pixeldit.runconfig import (
     RUN_FILE,

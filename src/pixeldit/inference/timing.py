@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from ..data import grf
-from ..model import PixelDiTTheta, ThetaConfig
+from ..model import PixelDiTTheta
+from ..model_config import ThetaConfig
 from .likelihood import Emulator, log_prob
 from .posterior import emulator_log_likelihood, grid_posterior
 

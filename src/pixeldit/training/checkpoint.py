@@ -51,7 +51,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pixeldit.flat import ParamLayout
-from pixeldit.model import PixelDiTConfig, build_model, config_from_dict
+from pixeldit.model import build_model
+from pixeldit.model_config import PixelDiTConfig, config_from_dict
 from pixeldit.parallel import param_spec
 from pixeldit.training.config import (
     RESUME_FREE_MODEL_FIELDS,

@@ -67,7 +67,7 @@ class TrainConfig:
       compute_dtype: overrides the model config's ``dtype`` ("float32" or
         "bfloat16"); ``None`` keeps the model config's.
       remat: overrides the model config's ``remat`` (``True``, ``False`` or ``"dots"``, see
-        :class:`pixeldit.model.PixelDiTConfig`); ``None`` keeps it.
+        :class:`pixeldit.model_config.PixelDiTConfig`); ``None`` keeps it.
       mesh: device mesh spec for sharded training, e.g. ``"data"`` (data
         parallel on every device), ``"data:4"``, ``"fsdp:8"``,
         ``"data:2,fsdp:2"`` (see :mod:`pixeldit.parallel`); an int ``n`` means

@@ -157,7 +157,7 @@ def train(
     ``KeyboardInterrupt`` raised otherwise (e.g. by the dataset) also saves, then re-raises.
 
     Args:
-      model_config: model config (:class:`pixeldit.model.PixelDiTConfig`).
+      model_config: model config (:class:`pixeldit.model_config.PixelDiTConfig`).
       train_config: :class:`~pixeldit.training.config.TrainConfig`.
       dataset: object with ``get_batch(step, batch_size) -> {"x", "y"}`` (deterministic in step)
         and ideally ``metadata()``.
