@@ -1,4 +1,7 @@
-"""Whole models: golden parity through from_reference, presets, init, gradients, input checks."""
+"""Whole models: golden parity through from_reference, preset sizes, init, gradients, input checks.
+
+The configs' own checks (validation, round trips, presets by name) are in test_model_config.py.
+"""
 
 import json
 
@@ -12,12 +15,9 @@ from flax import nnx
 import golden
 from pixeldit.convert import from_reference
 from pixeldit.model import (
-    C2IConfig,
     PixelDiT,
     PixelDiTT2I,
     PixelDiTTheta,
-    T2IConfig,
-    ThetaConfig,
     build_model,
     config_from_dict,
     count_params,
@@ -25,15 +25,7 @@ from pixeldit.model import (
     preset,
     resolve_scan_unroll,
 )
-
-TINY = {
-    "c2i": C2IConfig(in_channels=3, num_groups=2, hidden_size=32, pixel_hidden_size=8, patch_depth=2, pixel_depth=2,
-                     patch_size=4, num_classes=5),
-    "t2i": T2IConfig(in_channels=3, num_groups=2, hidden_size=32, pixel_hidden_size=8, patch_depth=2, pixel_depth=2,
-                     patch_size=4, txt_embed_dim=12, txt_max_length=6, pixel_attn_hidden_size=16, pixel_num_groups=2),
-    "theta": ThetaConfig(in_channels=1, num_groups=2, hidden_size=32, pixel_hidden_size=8, patch_depth=2, pixel_depth=2,
-                         patch_size=4, theta_dim=3),
-}
+from test_model_config import TINY  # the tiny config of each model kind
 
 
 def _cond(kind, b, rng):
@@ -64,7 +56,7 @@ def test_golden_whole_model(name):
     golden.assert_close(out, golden.nchw_to_nhwc(d["out/out"]))
 
 
-# --- presets and configs ---------------------------------------------------------------------------
+# --- presets ---------------------------------------------------------------------------------------
 
 PRESET_COUNTS = {"B/16": 184_749_155, "L/16": 569_648_963, "XL/16": 797_383_203, "T2I-1.3B": 1_302_470_787}
 
@@ -72,37 +64,6 @@ PRESET_COUNTS = {"B/16": 184_749_155, "L/16": 569_648_963, "XL/16": 797_383_203,
 @pytest.mark.parametrize("name", list(PRESET_COUNTS))
 def test_preset_parameter_counts(name):
     assert count_params(preset(name)) == PRESET_COUNTS[name]
-
-
-def test_unknown_preset_lists_known():
-    with pytest.raises(ValueError, match="XL/16"):
-        preset("XXL/2")
-
-
-@pytest.mark.parametrize("kind", list(TINY))
-def test_config_round_trip(kind):
-    cfg = TINY[kind]
-    assert config_from_dict(cfg.to_dict()) == cfg
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(hidden_size=30, num_groups=4), "divisible"),
-        (dict(hidden_size=24, num_groups=4), "multiple of 4"),
-        (dict(pixel_depth=0), "pixel_depth"),
-        (dict(dtype="int8"), "dtype"),
-        (dict(num_classes=0), "num_classes"),
-    ],
-)
-def test_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        C2IConfig(**kwargs)
-
-
-def test_t2i_pixel_heads_validated():
-    with pytest.raises(ValueError, match="pixel_attn_hidden_size"):
-        T2IConfig(pixel_attn_hidden_size=100, pixel_num_groups=3)
 
 
 # --- behaviour ---------------------------------------------------------------------------------------
@@ -230,28 +191,6 @@ def test_theta_config_encoding_makes_the_model_take_raw_theta():
     np.testing.assert_array_equal(model(x, t, theta), model(x, t, encoded))
 
 
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(theta_center=(0.0, 0.0, 0.0)), "both or neither"),
-        (dict(theta_center=(0.0,), theta_scale=(1.0,), theta_channels=2), "theta_dim=3 values"),
-        (dict(theta_center=(0.0,) * 3, theta_scale=(1.0, 0.0, 1.0), theta_channels=2), "theta_scale must be > 0"),
-        (dict(theta_center=(0.0,) * 3, theta_scale=(1.0,) * 3), "theta_channels must be 2"),
-    ],
-)
-def test_theta_encoding_validated(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        TINY["theta"].replace(**kwargs)
-
-
-def test_theta_config_derives_its_token_fields():
-    cfg = TINY["theta"]
-    assert (cfg.txt_embed_dim, cfg.txt_max_length) == (cfg.theta_channels, cfg.theta_dim)
-    assert "txt_embed_dim" not in cfg.to_dict()
-    stored = dict(cfg.to_dict(), txt_embed_dim=1, txt_max_length=3)  # as older theta configs were written
-    assert config_from_dict(stored) == cfg
-
-
 def test_theta_token_identity_matters():
     """With a learned identity embedding, permuting theta components changes the output."""
     model = build_model(TINY["theta"], rngs=nnx.Rngs(0))
@@ -310,12 +249,6 @@ def test_scan_unroll_auto_unrolls_on_accelerators_only(monkeypatch):
         assert resolve_scan_unroll("auto") == expected
 
 
-@pytest.mark.parametrize("bad", [0, -1, "full", 1.5])
-def test_scan_unroll_is_checked(bad):
-    with pytest.raises(ValueError, match=r"scan_unroll must be \"auto\", true, false or an integer >= 1, got"):
-        TINY["c2i"].replace(scan_unroll=bad)
-
-
 def test_float32_models_trace_full_precision_products():
     """float32 models ask for full-precision products (a GPU's default is TF32); bf16 models and a user's own setting win."""
     x, t, y = _inputs("c2i")
@@ -332,11 +265,6 @@ def test_float32_models_trace_full_precision_products():
         assert matmul_precision("float32") is None
         assert dots(m32)[1] == 0
     assert matmul_precision("float32") == "highest" and matmul_precision("bfloat16") is None
-
-
-def test_remat_mode_is_checked():
-    with pytest.raises(ValueError, match=r"remat must be one of .*'dots'.* got 'all'"):
-        TINY["c2i"].replace(remat="all")
 
 
 # --- input checking ----------------------------------------------------------------------------------
