@@ -25,7 +25,7 @@ from pixeldit.posterior_training import CHECKPOINT_NAME, PosteriorTrainConfig, i
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data.size": 8, "model.hidden_size": 16, "model.depth": 1, "model.num_heads": 2, "model.summary_dim": 16,
+TINY = {"data.size": 8, "model.patch_size": 4, "model.hidden_size": 16, "model.depth": 1, "model.num_heads": 2, "model.summary_dim": 16,
         "model.flow_hidden": 16, "model.flow_depth": 1, "train.steps": 3, "train.batch_size": 4,
         "train.flow_samples": 2, "train.log_every": 1}  # the built-in run at test size: compiles in seconds
 
@@ -35,7 +35,7 @@ def test_builtin_config_loads():
     assert "grf-posterior" in runconfig.builtin_configs() and is_posterior_source("grf-posterior")
     assert not is_posterior_source("grf") and not is_posterior_source("no_such_config")
     assert run.model == PosteriorConfig.preset("grf")  # the data section gives size 32 and the prior box
-    assert run.train == PosteriorTrainConfig(steps=16000, batch_size=64, flow_samples=16, seed=0)
+    assert run.train == PosteriorTrainConfig(steps=56000, batch_size=64, flow_samples=8, seed=0)
     assert run.log_every == 250
 
 

@@ -74,7 +74,7 @@ class PosteriorConfig:
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2,
                      summary_dim=16, flow_hidden=16, flow_depth=1),
-        "grf": dict(depth=1),  # the built-in run (configs/grf-posterior.toml)
+        "grf": dict(depth=1, patch_size=8),  # the built-in run (configs/grf-posterior.toml)
     }
 
     def __post_init__(self):

@@ -64,9 +64,9 @@ STANDARDIZE_BATCH_INDEX = 10**9  # a GRFDataset batch index no training step rea
 class PosteriorTrainConfig:
     """Optimisation settings of :func:`train_posterior`."""
 
-    steps: int = 16000  # the built-in run (configs/grf-posterior.toml)
+    steps: int = 56000  # the built-in run (configs/grf-posterior.toml)
     batch_size: int = 64  # simulated fields per step
-    flow_samples: int = 16  # (t, eps) pairs per field for the flow-matching term
+    flow_samples: int = 8  # (t, eps) pairs per field for the flow-matching term
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     final_lr_fraction: float = 0.02  # the cosine decays to this fraction of the peak
