@@ -207,6 +207,11 @@ def _run_steps(state: PosteriorState, train_step, data: GRFDataset, tc: Posterio
     start, cpu_start = time.perf_counter(), time.process_time()
     wall0, cpu0 = state.train_seconds, state.train_cpu_seconds
     pending: list = []
+
+    def clock() -> None:
+        now = time.perf_counter()
+        state.train_seconds, state.train_cpu_seconds = wall0 + now - start, cpu0 + time.process_time() - cpu_start
+
     for step in range(state.step, tc.steps):
         if signals.received is not None:
             break
@@ -220,17 +225,18 @@ def _run_steps(state: PosteriorState, train_step, data: GRFDataset, tc: Posterio
         last = state.step == tc.steps or timed_out
         record = state.step % log_every == 0 or last
         checkpoint = not last and tc.checkpoint_every and state.step % tc.checkpoint_every == 0
-        if record or checkpoint or len(pending) >= log_every:
+        if record or checkpoint:
             _flush(state, pending)  # waits for this step: the times below include its compute
-        now = time.perf_counter()
-        state.train_seconds, state.train_cpu_seconds = wall0 + now - start, cpu0 + time.process_time() - cpu_start
+        clock()
         if record:
             _log_record(state, state.train_seconds, tc, log)
         if last:
             break
         if checkpoint:
             save(state)
-    _flush(state, pending)  # a signal stops the loop between records: its steps still count
+    if pending:  # a signal stopped the loop between records: wait for its steps, count and time them
+        _flush(state, pending)
+        clock()
 
 
 def train_posterior(
